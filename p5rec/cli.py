@@ -1,0 +1,50 @@
+"""The `p5rec` command: one sub-command group per stage.
+
+Each stage module exposes ``add_cli(subparsers)`` which adds its parser(s) and sets ``func`` on them.
+Modules are imported lazily so that ``p5rec data`` and ``p5rec templates`` do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# sub-command -> module that defines it (module.add_cli(subparsers))
+COMMANDS = {
+    "data": "p5rec.prepare",
+    "templates": "p5rec.templates",
+    "train": "p5rec.training",
+    "evaluate": "p5rec.evaluation",
+    "predict": "p5rec.inference",
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p5rec", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    argv = sys.argv[1:] if argv is None else argv
+    # Only import the module of the command being run (or all of them for --help).
+    wanted = [a for a in argv if a in COMMANDS][:1] or list(COMMANDS)
+    for name in wanted:
+        importlib.import_module(COMMANDS[name]).add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Per-task decoding: catalogue-restricted ranking, candidate ranking, choice scoring, text generation.
+
+Every function takes rendered prompts (strings), runs batched and sorted by length (so padding stays small), and
+returns results in the prompts' original order.
+
+Restricted ranking uses a prefix trie over the token ids of every valid item (plus EOS), applied as a logits mask:
+a beam can only ever spell a real catalogue item, so no generated item is invalid, and since beam hypotheses are
+distinct token sequences and each item has one spelling, no item is returned twice. When every item is a single
+token (``token`` id form with random/sequential ids) a beam search of width K over "item, EOS" reduces to the top-K
+of one masked decoder step, which is what :func:`rank_items` computes then (exactly the beam ranking up to the
+near-zero log P(EOS | item) term) — about 10x faster than running ``generate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemTrie:
+    """Prefix trie over the token-id spelling of items; ``spell[item]`` ends with EOS."""
+
+    spell: dict[str, tuple[int, ...]]
+    eos_id: int
+    children: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+    leaf: dict[tuple[int, ...], str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        children: dict[tuple[int, ...], set[int]] = {}
+        for item, ids in self.spell.items():
+            if ids in self.leaf:
+                raise ValueError(f"items {self.leaf[ids]!r} and {item!r} tokenize identically: {ids}")
+            self.leaf[ids] = item
+            for i in range(len(ids)):
+                children.setdefault(ids[:i], set()).add(ids[i])
+        self.children = {k: sorted(v) for k, v in children.items()}
+        self._mask_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @classmethod
+    def from_surfaces(cls, tokenizer, surfaces: dict[str, str]) -> "ItemTrie":
+        """Build from ``{raw item: surface text}`` using the tokenizer that the model was trained with."""
+        raws = list(surfaces)
+        enc = tokenizer([surfaces[r] for r in raws], add_special_tokens=False).input_ids
+        eos = tokenizer.eos_token_id
+        return cls({r: tuple(ids) + (eos,) for r, ids in zip(raws, enc)}, eos)
+
+    def subset(self, items: Sequence[str]) -> "ItemTrie":
+        return ItemTrie({i: self.spell[i] for i in items}, self.eos_id)
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(ids) == 2 for ids in self.spell.values())
+
+    def allowed(self, prefix: tuple[int, ...]) -> list[int]:
+        return self.children.get(prefix, [self.eos_id] if prefix in self.leaf else [])
+
+    def item_of(self, ids: Sequence[int]) -> str | None:
+        ids = tuple(int(i) for i in ids)
+        if ids in self.leaf:
+            return self.leaf[ids]
+        return self.leaf.get(ids + (self.eos_id,))
+
+    def first_tokens(self) -> dict[int, str]:
+        """For a single-token trie: token id -> item."""
+        return {ids[0]: item for item, ids in self.spell.items()}
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Masks every next token that would leave the trie. ``tries[i]`` serves example i (beams i*B..i*B+B-1)."""
+
+    def __init__(self, tries: Sequence[ItemTrie], num_beams: int, pad_id: int):
+        self.tries, self.num_beams, self.pad_id = tries, num_beams, pad_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = torch.full_like(scores, float("-inf"))
+        prefixes = input_ids[:, 1:].tolist()  # drop the decoder start token
+        for row, prefix in enumerate(prefixes):
+            trie = self.tries[row // self.num_beams]
+            allowed = trie.allowed(tuple(prefix))
+            if not allowed:  # a finished beam keeps padding; generate() ignores it
+                allowed = [self.pad_id]
+            mask[row, allowed] = 0.0
+        return scores + mask
+
+
+def _batches(sources: Sequence[str], batch_size: int, desc: str | None):
+    """Yield (indices, texts) batches sorted by length; a progress bar when ``desc`` is given."""
+    order = np.argsort([len(s) for s in sources], kind="stable")
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+        idx = order[start : start + batch_size]
+        yield idx, [sources[i] for i in idx]
+
+
+def _encode(tokenizer, texts, max_length, device):
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def first_step_logits(model, enc) -> torch.Tensor:
+    """Log-probabilities of the first decoded token, [batch, vocab]."""
+    start = torch.full((enc["input_ids"].shape[0], 1), model.config.decoder_start_token_id, device=model.device)
+    out = model(**enc, decoder_input_ids=start)
+    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+
+
+@torch.no_grad()
+def rank_items(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    trie: ItemTrie | Sequence[ItemTrie],
+    k: int = 20,
+    batch_size: int = 32,
+    num_beams: int | None = None,
+    exclude: Sequence[Sequence[str]] | None = None,
+    max_source_length: int = 256,
+    desc: str | None = None,
+) -> list[list[tuple[str, float]]]:
+    """Top-``k`` items (with log-probabilities) per prompt, restricted to ``trie`` (one trie, or one per prompt).
+
+    ``exclude`` removes given items (e.g. the history) from each prompt's answers; with a multi-token trie they
+    are pruned from a per-prompt sub-trie before decoding, so the beams are not wasted on them.
+    """
+    model.eval()
+    per_prompt = not isinstance(trie, ItemTrie)
+    results: list[list[tuple[str, float]]] = [[] for _ in sources]
+    base_tries = list(trie) if per_prompt else None
+    for idx, texts in _batches(sources, batch_size, desc):
+        enc = _encode(tokenizer, texts, max_source_length, model.device)
+        tries = [base_tries[i] if per_prompt else trie for i in idx]
+        if exclude is not None:
+            tries = [_without(t, exclude[i]) for t, i in zip(tries, idx)]
+        if all(t.single_token for t in tries):
+            logp = first_step_logits(model, enc)
+            for row, (i, t) in enumerate(zip(idx, tries)):
+                tok_to_item = t.first_tokens()
+                ids = torch.tensor(list(tok_to_item), dtype=torch.long)
+                top = min(k, len(ids))
+                vals, pos = torch.topk(logp[row, ids], top)
+                results[i] = [(tok_to_item[int(ids[p])], float(v)) for v, p in zip(vals, pos)]
+            continue
+        beams = min(num_beams or k, max(len(t.spell) for t in tries))
+        out = model.generate(
+            **enc,
+            num_beams=beams,
+            num_return_sequences=beams,
+            max_new_tokens=max(len(s) for t in tries for s in t.spell.values()),
+            logits_processor=LogitsProcessorList([TrieLogitsProcessor(tries, beams, tokenizer.pad_token_id)]),
+            output_scores=True,
+            return_dict_in_generate=True,
+            do_sample=False,
+            early_stopping=True,
+            length_penalty=0.0,
+        )
+        seqs = out.sequences[:, 1:].tolist()
+        scores = out.sequences_scores.tolist()
+        for row, i in enumerate(idx):
+            t = tries[row]
+            ranked, seen = [], set()
+            for j in range(row * beams, (row + 1) * beams):
+                item = t.item_of([x for x in seqs[j] if x != tokenizer.pad_token_id])
+                if item is not None and item not in seen:
+                    seen.add(item)
+                    ranked.append((item, scores[j]))
+            results[i] = ranked[:k]
+    return results
+
+
+def _without(trie: ItemTrie, items: Sequence[str]) -> ItemTrie:
+    drop = set(items)
+    if not drop.intersection(trie.spell):
+        return trie
+    return ItemTrie({i: s for i, s in trie.spell.items() if i not in drop}, trie.eos_id)
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    choices: Sequence[str],
+    batch_size: int = 64,
+    max_source_length: int = 256,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Log P(choice | prompt) for each prompt and each of a small fixed set of answers, [n_prompts, n_choices].
+
+    Full-sequence log-likelihood by teacher forcing, so multi-token answers ("dislike") are scored properly.
+    """
+    model.eval()
+    choice_ids = [tokenizer(c).input_ids for c in choices]  # with EOS
+    width = max(len(c) for c in choice_ids)
+    labels = torch.full((len(choices), width), -100, dtype=torch.long)
+    for j, ids in enumerate(choice_ids):
+        labels[j, : len(ids)] = torch.tensor(ids)
+    out = np.zeros((len(sources), len(choices)), dtype=np.float64)
+    for idx, texts in _batches(sources, batch_size, desc):
+        enc = _encode(tokenizer, texts, max_source_length, model.device)
+        encoder_out = model.get_encoder()(**enc)
+        n = len(idx)
+        for j in range(len(choices)):
+            lab = labels[j].unsqueeze(0).expand(n, -1).contiguous().to(model.device)
+            logits = model(
+                encoder_outputs=encoder_out, attention_mask=enc["attention_mask"], labels=lab
+            ).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            mask = lab != -100
+            tok = torch.gather(logp, 2, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out[idx, j] = (tok * mask).sum(-1).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    batch_size: int = 32,
+    max_source_length: int = 256,
+    desc: str | None = None,
+) -> list[str]:
+    """Greedy (or beam) decoding of free text, one string per prompt."""
+    model.eval()
+    results = [""] * len(sources)
+    for idx, texts in _batches(sources, batch_size, desc):
+        enc = _encode(tokenizer, texts, max_source_length, model.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            results[i] = text.strip()
+    return results

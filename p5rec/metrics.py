@@ -1,0 +1,525 @@
+"""Evaluation metrics, computed locally (no hub downloads), one function per metric name.
+
+Every metric is registered explicitly in :data:`METRICS` with its kind, direction and inputs (RecBole-style
+metadata, peft-style explicit registration: a duplicate name raises at import). The functions are pure and
+work on plain Python / numpy inputs, so the model's evaluation and the baselines are scored by the same code.
+
+Protocols and conventions (each documented where it is implemented):
+
+* Ranking (sequential, direct): single-target leave-one-out. A user's rank is the 0-based position of the
+  one held-out target in that user's ranked list, ``inf`` when absent. ``HR@K``, ``NDCG@K``, ``MAP@K``, ``MRR``
+  are means over users. Ties in a score matrix are broken *pessimistically* (see :func:`rank_from_scores`).
+* Rating: model outputs are text; :func:`parse_rating` takes a leading number only. Unparseable outputs are
+  never dropped silently: they are scored as a fallback value and counted (see :func:`rating_metrics`).
+* Text: corpus BLEU as in P5 (Google/TensorFlow-NMT ``compute_bleu``, no smoothing, whitespace tokens,
+  lowercased, x100) and ROUGE-1/2/L F-measure with ``rouge_score``'s tokenisation (x100, mean over examples).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRICS",
+    "MetricSpec",
+    "accuracy",
+    "bleu",
+    "hit_ratio",
+    "lcs_length",
+    "lookup",
+    "map_at_k",
+    "mrr",
+    "ndcg",
+    "parse_rating",
+    "rank_from_scores",
+    "rank_of_target",
+    "ranking_metrics",
+    "ranking_metrics_from_ranks",
+    "rating_metrics",
+    "register",
+    "rouge",
+    "rouge_tokenize",
+    "text_metrics",
+]
+
+MetricKind = Literal["ranking", "value", "text", "accuracy"]
+
+# ---------------------------------------------------------------------------------------------------------
+# Ranking
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rank_of_target(ranked: Sequence[Sequence[str]] | np.ndarray, targets: Sequence[str] | np.ndarray) -> np.ndarray:
+    """0-based rank of each user's target in that user's ranked list.
+
+    Args:
+        ranked: one ranked list per user (best first); lists may have different lengths. Or a 2-D array
+            ``[n_users, n_ranked]`` of item ids (ints or strings), compared to ``targets`` elementwise.
+        targets: the one held-out item per user, same id type as ``ranked``.
+
+    Returns:
+        float array ``[n_users]``: the position of the *first* occurrence of the target, ``np.inf`` when the
+        target is absent. Duplicates in a list are not removed here (a model that repeats an item wastes a
+        slot, as in P5's beam evaluation); dedupe before calling if the protocol wants it.
+
+    Raises:
+        ValueError: if the numbers of lists and targets differ.
+    """
+    if len(ranked) != len(targets):
+        raise ValueError(f"rank_of_target: {len(ranked)} ranked lists but {len(targets)} targets")
+    if isinstance(ranked, np.ndarray):
+        if ranked.ndim != 2:
+            raise ValueError(f"rank_of_target: ranked array must be 2-D, got shape {ranked.shape}")
+        hit = ranked == np.asarray(targets)[:, None]
+        ranks = np.full(len(targets), np.inf)
+        found = hit.any(axis=1)
+        ranks[found] = hit[found].argmax(axis=1)
+        return ranks
+    ranks = np.full(len(targets), np.inf)
+    for u, (row, target) in enumerate(zip(ranked, targets)):
+        row = list(row)
+        if target in row:
+            ranks[u] = row.index(target)
+    return ranks
+
+
+def rank_from_scores(
+    scores: np.ndarray,
+    target_index: np.ndarray | Sequence[int],
+    ties: Literal["pessimistic", "optimistic"] = "pessimistic",
+) -> np.ndarray:
+    """0-based rank of each user's target among that user's scored candidates (higher score = better).
+
+    Ties policy: ``"pessimistic"`` (default, the honest choice) ranks every other candidate whose score
+    *equals* the target's above the target, so a model that gives every candidate the same score gets the
+    worst rank, not the best. ``"optimistic"`` ranks them below (useful only to report the gap). NaN scores
+    are treated as ``-inf`` (a NaN target therefore ties with the other NaN/-inf candidates).
+
+    Args:
+        scores: float array ``[n_users, n_candidates]``.
+        target_index: int array ``[n_users]``, column of each user's target in ``scores``.
+
+    Returns:
+        float array ``[n_users]`` of 0-based ranks (finite; the target is always a candidate).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"rank_from_scores: scores must be 2-D, got shape {scores.shape}")
+    target_index = np.asarray(target_index, dtype=np.int64)
+    if target_index.shape != (scores.shape[0],):
+        raise ValueError(f"rank_from_scores: target_index shape {target_index.shape} != ({scores.shape[0]},)")
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    target_score = scores[np.arange(scores.shape[0]), target_index][:, None]
+    above = (scores > target_score).sum(axis=1)
+    if ties == "optimistic":
+        return above.astype(np.float64)
+    if ties != "pessimistic":
+        raise ValueError(f"rank_from_scores: unknown ties policy {ties!r}")
+    tied_others = (scores == target_score).sum(axis=1) - 1  # minus the target itself
+    return (above + tied_others).astype(np.float64)
+
+
+def _check_ranks(ranks: np.ndarray | Sequence[float], k: int | None = None) -> np.ndarray:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.ndim != 1 or ranks.size == 0:
+        raise ValueError(f"ranks must be a non-empty 1-D array, got shape {ranks.shape}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return ranks
+
+
+def hit_ratio(ranks: np.ndarray | Sequence[float], k: int) -> float:
+    """HR@K: fraction of users whose target is in the top ``k`` (rank < k)."""
+    ranks = _check_ranks(ranks, k)
+    return float(np.mean(ranks < k))
+
+
+def ndcg(ranks: np.ndarray | Sequence[float], k: int) -> float:
+    """NDCG@K for one relevant item per user: ``1/log2(rank+2)`` if rank < k else 0 (ideal DCG = 1), mean."""
+    ranks = _check_ranks(ranks, k)
+    inside = ranks < k
+    gains = np.zeros_like(ranks)
+    gains[inside] = 1.0 / np.log2(ranks[inside] + 2.0)
+    return float(gains.mean())
+
+
+def mrr(ranks: np.ndarray | Sequence[float]) -> float:
+    """Mean reciprocal rank ``1/(rank+1)``, 0 for an absent target (rank inf), mean over users."""
+    ranks = _check_ranks(ranks)
+    return float(np.mean(1.0 / (ranks + 1.0)))
+
+
+def map_at_k(ranks: np.ndarray | Sequence[float], k: int) -> float:
+    """MAP@K for one relevant item per user: AP = ``1/(rank+1)`` if rank < k else 0, mean over users."""
+    ranks = _check_ranks(ranks, k)
+    inside = ranks < k
+    ap = np.zeros_like(ranks)
+    ap[inside] = 1.0 / (ranks[inside] + 1.0)
+    return float(ap.mean())
+
+
+def ranking_metrics_from_ranks(ranks: np.ndarray | Sequence[float], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """``HR@K``, ``NDCG@K``, ``MAP@K`` for every K in ``ks`` plus ``MRR``, from 0-based ranks."""
+    ranks = _check_ranks(ranks)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"HR@{k}"] = hit_ratio(ranks, k)
+        out[f"NDCG@{k}"] = ndcg(ranks, k)
+        out[f"MAP@{k}"] = map_at_k(ranks, k)
+    out["MRR"] = mrr(ranks)
+    return out
+
+
+def ranking_metrics(
+    ranked: Sequence[Sequence[str]] | np.ndarray,
+    targets: Sequence[str] | np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Leave-one-out ranking metrics: ``{"HR@1": .., "NDCG@1": .., "MAP@1": .., ..., "MRR": ..}``.
+
+    ``ranked`` / ``targets`` as in :func:`rank_of_target`. A list shorter than K simply cannot hit beyond its
+    length; ``MRR`` is over the whole list given (so it depends on the list length the caller produced).
+    """
+    return ranking_metrics_from_ranks(rank_of_target(ranked, targets), ks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rating
+# ---------------------------------------------------------------------------------------------------------
+
+_NUMBER_RE = re.compile(r"\s*([+-]?(?:\d+(?:\.\d+)?|\.\d+))(?!\.?\d)")
+_WORD_RATINGS = {"zero": 0.0, "one": 1.0, "two": 2.0, "three": 3.0, "four": 4.0, "five": 5.0}
+_WORD_RE = re.compile(r"\s*(" + "|".join(_WORD_RATINGS) + r")\b", re.IGNORECASE)
+
+
+def parse_rating(text: str | float | int | None) -> float | None:
+    """Parse a generated rating; ``None`` when it cannot be read.
+
+    Policy: only a *leading* number is read, after leading whitespace: ``"5"``, ``"5.0"``, ``" 4.5 "``,
+    ``"4 stars"``, ``"4/5"`` -> 5.0, 5.0, 4.5, 4.0, 4.0. Text after the number is ignored as long as the
+    number is complete: ``"5.0.1"`` is rejected, not truncated; ``"4."`` reads 4.0. A leading English number word
+    ``zero`` .. ``five`` (any case) is accepted as well. ``"nan"``, ``"inf"``, ``""``, ``"abc"``,
+    ``"rating: 4"`` -> None (no ``eval``, no search inside the text). Numbers pass through unchanged unless
+    they are NaN/inf (-> None). Clipping to the rating range is the caller's job (:func:`rating_metrics`).
+    """
+    if text is None:
+        return None
+    if isinstance(text, (int, float, np.integer, np.floating)) and not isinstance(text, bool):
+        value = float(text)
+        return value if math.isfinite(value) else None
+    if not isinstance(text, str):
+        return None
+    match = _NUMBER_RE.match(text)
+    if match:
+        return float(match.group(1))
+    match = _WORD_RE.match(text)
+    if match:
+        return _WORD_RATINGS[match.group(1).lower()]
+    return None
+
+
+def rating_metrics(
+    preds: Sequence[str | float | None],
+    targets: Sequence[float],
+    lo: float = 1.0,
+    hi: float = 5.0,
+    fallback: float | None = None,
+) -> dict[str, float]:
+    """RMSE / MAE of predicted ratings against gold ratings.
+
+    Policy for unreadable outputs (never dropped silently): every prediction goes through
+    :func:`parse_rating`; the ones that give ``None`` are counted in ``invalid`` and scored as ``fallback``,
+    which the caller should set to the *training* global mean (:func:`p5rec.baselines.global_mean_rating`).
+    If ``fallback`` is None the midpoint ``(lo+hi)/2`` is used (a warning is logged when it matters); the test
+    targets are never used to fill in. Valid predictions are clipped to ``[lo, hi]``.
+
+    Returns:
+        ``RMSE``, ``MAE`` over all ``n`` examples (fallback included), ``RMSE_valid``, ``MAE_valid`` over the
+        parseable ones only (NaN if none), ``n`` and ``invalid`` (counts, as floats-compatible ints).
+    """
+    if len(preds) != len(targets):
+        raise ValueError(f"rating_metrics: {len(preds)} predictions but {len(targets)} targets")
+    if len(preds) == 0:
+        raise ValueError("rating_metrics: no examples")
+    if lo > hi:
+        raise ValueError(f"rating_metrics: lo={lo} > hi={hi}")
+    gold = np.asarray([float(t) for t in targets], dtype=np.float64)
+    if not np.all(np.isfinite(gold)):
+        raise ValueError("rating_metrics: targets contain NaN/inf (implicit rows must not be scored here)")
+    parsed = [parse_rating(p) for p in preds]
+    valid = np.array([p is not None for p in parsed])
+    n_invalid = int((~valid).sum())
+    if fallback is None:
+        fallback = (lo + hi) / 2.0
+        if n_invalid:
+            logger.warning("rating_metrics: %d invalid outputs scored as midpoint %.3f (no fallback given)",
+                           n_invalid, fallback)
+    pred = np.array([fallback if p is None else p for p in parsed], dtype=np.float64)
+    pred = np.clip(pred, lo, hi)
+    err = pred - gold
+    out: dict[str, float] = {
+        "RMSE": float(np.sqrt(np.mean(err**2))),
+        "MAE": float(np.mean(np.abs(err))),
+    }
+    if valid.any():
+        out["RMSE_valid"] = float(np.sqrt(np.mean(err[valid] ** 2)))
+        out["MAE_valid"] = float(np.mean(np.abs(err[valid])))
+    else:
+        out["RMSE_valid"] = out["MAE_valid"] = float("nan")
+    out["n"] = len(gold)
+    out["invalid"] = n_invalid
+    if n_invalid:
+        logger.info("rating_metrics: %d of %d outputs unparseable, scored as %.3f", n_invalid, len(gold), fallback)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Accuracy (choice templates)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _normalise_choice(text: str) -> str:
+    return " ".join(str(text).strip().lower().split())
+
+
+def accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
+    """Exact-match accuracy after normalisation (strip, lowercase, collapse inner whitespace)."""
+    if len(preds) != len(golds):
+        raise ValueError(f"accuracy: {len(preds)} predictions but {len(golds)} golds")
+    if len(preds) == 0:
+        raise ValueError("accuracy: no examples")
+    hits = [_normalise_choice(p) == _normalise_choice(g) for p, g in zip(preds, golds)]
+    return float(np.mean(hits))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text: BLEU (P5 / TF-NMT compute_bleu) and ROUGE (rouge_score-compatible)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ngram_counts(tokens: Sequence[str], max_order: int) -> Counter:
+    counts: Counter = Counter()
+    for order in range(1, max_order + 1):
+        for i in range(len(tokens) - order + 1):
+            counts[tuple(tokens[i : i + order])] += 1
+    return counts
+
+
+def _as_references(refs: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    return [[r] if isinstance(r, str) else list(r) for r in refs]
+
+
+def bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], max_order: int = 4) -> float:
+    """Corpus BLEU-``max_order`` x100, P5's convention.
+
+    Re-implements ``compute_bleu(reference_corpus, translation_corpus, max_order, smooth=False)`` of the
+    TensorFlow NMT / Google ``bleu.py`` that P5 called: clipped n-gram matches and possible n-grams are summed
+    over the corpus, uniform weights, geometric mean (0 if any order has no match), brevity penalty
+    ``exp(1 - ref_len/hyp_len)`` with ``ref_len`` the sum of each example's *shortest* reference. Tokens are
+    ``text.lower().split()``. Degenerate corpora (no hypothesis tokens, or no reference tokens) score 0,
+    where the original raises ZeroDivisionError.
+
+    Args:
+        preds: one hypothesis string per example.
+        refs: one reference string per example, or a list of reference strings per example.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"bleu: {len(preds)} predictions but {len(refs)} references")
+    if max_order < 1:
+        raise ValueError(f"bleu: max_order must be >= 1, got {max_order}")
+    matches = [0] * max_order
+    possible = [0] * max_order
+    ref_len = hyp_len = 0
+    for pred, references in zip(preds, _as_references(refs)):
+        hyp = str(pred).lower().split()
+        ref_tokens = [str(r).lower().split() for r in references]
+        if not ref_tokens:
+            raise ValueError("bleu: an example has no reference")
+        ref_len += min(len(r) for r in ref_tokens)
+        hyp_len += len(hyp)
+        merged: Counter = Counter()
+        for r in ref_tokens:
+            merged |= _ngram_counts(r, max_order)
+        overlap = _ngram_counts(hyp, max_order) & merged
+        for ngram, count in overlap.items():
+            matches[len(ngram) - 1] += count
+        for order in range(1, max_order + 1):
+            possible[order - 1] += max(len(hyp) - order + 1, 0)
+    if hyp_len == 0 or ref_len == 0:
+        return 0.0
+    precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    if min(precisions) <= 0:
+        return 0.0
+    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order)
+    ratio = hyp_len / ref_len
+    brevity = 1.0 if ratio > 1.0 else math.exp(1.0 - 1.0 / ratio)
+    return 100.0 * geo_mean * brevity
+
+
+_NON_ALNUM_RE = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokenize(text: str) -> list[str]:
+    """``rouge_score`` tokenisation without stemming: lowercase, non-``[a-z0-9]`` runs -> space, split.
+
+    Non-ASCII letters therefore vanish (as in ``rouge_score``): "café" -> ["caf"].
+    """
+    return _NON_ALNUM_RE.sub(" ", str(text).lower()).split()
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token sequences.
+
+    Bit-parallel (Hyyroe 2004): one Python-int bit per token of ``a``, one update per token of ``b``, so it is
+    O(len(b)) big-int operations instead of an O(len(a)*len(b)) Python DP.
+    """
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, tok in enumerate(a):
+        masks[tok] = masks.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        u = v & masks.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def _f1(overlap: float, n_pred: int, n_ref: int) -> float:
+    precision = overlap / max(n_pred, 1)
+    recall = overlap / max(n_ref, 1)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def _rouge_n(pred: list[str], ref: list[str], n: int) -> float:
+    pred_ngrams = Counter(tuple(pred[i : i + n]) for i in range(len(pred) - n + 1))
+    ref_ngrams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+    overlap = sum((pred_ngrams & ref_ngrams).values())
+    return _f1(overlap, sum(pred_ngrams.values()), sum(ref_ngrams.values()))
+
+
+def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2, ROUGE-L F-measure x100, mean over examples.
+
+    Matches ``rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)``: same
+    tokenisation (:func:`rouge_tokenize`), ROUGE-L is the sentence-level LCS (not ``rougeLsum``), an empty
+    side scores 0. One reference per example.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"rouge: {len(preds)} predictions but {len(refs)} references")
+    if len(preds) == 0:
+        raise ValueError("rouge: no examples")
+    scores = np.zeros((len(preds), 3))
+    for j, (pred, ref) in enumerate(zip(preds, refs)):
+        p, r = rouge_tokenize(pred), rouge_tokenize(ref)
+        scores[j, 0] = _rouge_n(p, r, 1)
+        scores[j, 1] = _rouge_n(p, r, 2)
+        scores[j, 2] = _f1(lcs_length(r, p), len(p), len(r)) if p and r else 0.0
+    mean = 100.0 * scores.mean(axis=0)
+    return {"ROUGE-1": float(mean[0]), "ROUGE-2": float(mean[1]), "ROUGE-L": float(mean[2])}
+
+
+def text_metrics(preds: Sequence[str], refs: Sequence[str], bleu_orders: Sequence[int] = (4,)) -> dict[str, float]:
+    """``BLEU-n`` for each n in ``bleu_orders`` plus ``ROUGE-1/2/L`` (all x100).
+
+    P5 reports BLEU-4 for explanation generation and BLEU-2 for review summarisation (``bleu_orders=(2,)``).
+    """
+    out = {f"BLEU-{n}": bleu(preds, refs, max_order=n) for n in bleu_orders}
+    out.update(rouge(preds, refs))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its name, what kind of output it scores, its direction and inputs.
+
+    ``needs`` names the inputs ``fn`` takes, in order (e.g. ``("ranks", "k")``); ``kind`` groups metrics by
+    the output form they score (``ranking`` lists, numeric ``value``, free ``text``, ``accuracy`` of choices).
+    """
+
+    name: str
+    kind: MetricKind
+    higher_is_better: bool
+    fn: Callable[..., float]
+    needs: tuple[str, ...] = ()
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ranking", "value", "text", "accuracy"):
+            raise ValueError(f"metric {self.name!r}: unknown kind {self.kind!r}")
+
+
+_REGISTRY: dict[str, MetricSpec] = {}
+#: name -> MetricSpec, filled at import, read-only afterwards.
+METRICS: Mapping[str, MetricSpec] = MappingProxyType(_REGISTRY)
+
+
+def register(spec: MetricSpec, registry: dict[str, MetricSpec] | None = None) -> MetricSpec:
+    """Add ``spec`` to ``registry`` (the module's by default). A duplicate name raises ``ValueError``."""
+    target = _REGISTRY if registry is None else registry
+    if spec.name in target:
+        raise ValueError(f"metric {spec.name!r} is already registered")
+    target[spec.name] = spec
+    return spec
+
+
+def _rmse(preds: Sequence[str | float | None], targets: Sequence[float], **kw: float) -> float:
+    return rating_metrics(preds, targets, **kw)["RMSE"]
+
+
+def _mae(preds: Sequence[str | float | None], targets: Sequence[float], **kw: float) -> float:
+    return rating_metrics(preds, targets, **kw)["MAE"]
+
+
+def _rouge_part(key: str) -> Callable[[Sequence[str], Sequence[str]], float]:
+    def fn(preds: Sequence[str], refs: Sequence[str]) -> float:
+        return rouge(preds, refs)[key]
+
+    fn.__name__ = key.lower().replace("-", "_")
+    return fn
+
+
+register(MetricSpec("HR", "ranking", True, hit_ratio, ("ranks", "k"), "hit ratio @K (target in top K)"))
+register(MetricSpec("NDCG", "ranking", True, ndcg, ("ranks", "k"), "NDCG @K, one relevant item"))
+register(MetricSpec("MAP", "ranking", True, map_at_k, ("ranks", "k"), "MAP @K, one relevant item"))
+register(MetricSpec("MRR", "ranking", True, mrr, ("ranks",), "mean reciprocal rank"))
+register(MetricSpec("RMSE", "value", False, _rmse, ("preds", "targets"), "root mean squared rating error"))
+register(MetricSpec("MAE", "value", False, _mae, ("preds", "targets"), "mean absolute rating error"))
+register(MetricSpec("accuracy", "accuracy", True, accuracy, ("preds", "golds"), "normalised exact match"))
+register(MetricSpec("BLEU", "text", True, bleu, ("preds", "refs", "max_order"), "corpus BLEU-n x100 (P5)"))
+for _key in ("ROUGE-1", "ROUGE-2", "ROUGE-L"):
+    register(MetricSpec(_key, "text", True, _rouge_part(_key), ("preds", "refs"), f"{_key} F x100"))
+del _key
+
+_KEY_SUFFIX_RE = re.compile(r"(@\d+|-\d+|_valid)$")
+
+
+def lookup(key: str) -> MetricSpec:
+    """The spec behind a result key: ``"NDCG@10"`` -> NDCG, ``"BLEU-4"`` -> BLEU, ``"RMSE_valid"`` -> RMSE.
+
+    Lets evaluation code decide direction (``higher_is_better``) from the keys in a results dict.
+    Raises ``KeyError`` for an unknown key.
+    """
+    if key in METRICS:
+        return METRICS[key]
+    base = _KEY_SUFFIX_RE.sub("", key)
+    if base in METRICS:
+        return METRICS[base]
+    raise KeyError(f"no metric registered for key {key!r}; known: {sorted(METRICS)}")

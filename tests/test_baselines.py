@@ -1,0 +1,173 @@
+"""Baselines on tiny hand-made tables with hand-computed answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict
+
+from p5rec import baselines as B
+from p5rec.metrics import rating_metrics
+
+# --------------------------------------------------------------------------------------------- popularity
+
+# counts: a=3, b=2, c=2, d=1  -> order a, b, c, d (b before c: id string tie-break)
+TRAIN_ITEMS = ["c", "a", "b", "a", "d", "c", "b", "a"]
+
+
+def test_popularity_ranking_without_exclusion():
+    ranked = B.popularity_ranking(TRAIN_ITEMS, 3, n_users=2)
+    assert ranked == [["a", "b", "c"], ["a", "b", "c"]]
+    ranked[0].append("x")  # fresh list per user
+    assert ranked[1] == ["a", "b", "c"]
+    with pytest.raises(ValueError):
+        B.popularity_ranking(TRAIN_ITEMS, 3)
+
+
+def test_popularity_ranking_with_exclusion():
+    ranked = B.popularity_ranking(TRAIN_ITEMS, 2, exclude=[["a"], ["b", "c"], ["a", "b", "c", "d"]])
+    assert ranked == [["b", "c"], ["a", "d"], []]
+
+
+def _sequential_dd() -> DatasetDict:
+    # u1: training part a b c, valid target d, test target e; u2: training part a c, valid b, test d
+    valid = Dataset.from_dict({"user": ["u1", "u2"], "history": [["a", "b", "c"], ["a", "c"]],
+                               "target": ["d", "b"]})
+    test = Dataset.from_dict({"user": ["u1", "u2"], "history": [["a", "b", "c", "d"], ["a", "c", "b"]],
+                              "target": ["e", "d"]})
+    train = Dataset.from_dict({"user": ["u1", "u1", "u2"], "history": [["a"], ["a", "b"], ["a"]],
+                               "target": ["b", "c", "c"]})
+    return DatasetDict(train=train, valid=valid, test=test)
+
+
+def test_popularity_sequential_both_variants():
+    # training counts from the valid histories: a=2, c=2, b=1 -> order a, c, b
+    out = B.popularity_sequential(_sequential_dd(), k=3, ks=(1, 3))
+    # no exclusion: both users get [a, c, b]; targets e, d are absent -> all zero
+    assert out["no_exclusion"]["HR@3"] == 0.0 and out["no_exclusion"]["n"] == 2
+    # with exclusion nothing of {a, b, c} is left for either user: still zero, lists empty
+    assert out["exclude_history"]["HR@3"] == 0.0
+    # a training part that knows d and e: counts d=2, e=1, a=1 -> order d, a, e
+    out = B.popularity_sequential(_sequential_dd(), k=2, ks=(1, 2), train_items=["d", "e", "d", "a"])
+    # u1 history a b c d -> [e]: target e at rank 0; u2 history a c b -> [d, e]: target d at rank 0
+    assert out["exclude_history"]["HR@1"] == 1.0
+    # no exclusion: both get [d, a]; u1 misses e, u2 hits d at rank 0
+    assert out["no_exclusion"]["HR@1"] == 0.5
+    assert out["no_exclusion"]["NDCG@2"] == 0.5
+
+
+def test_popularity_direct_and_eval():
+    counts = {"a": 3, "b": 2, "c": 2}
+    rows = Dataset.from_dict({"user": ["u1", "u2"], "target": ["c", "z"],
+                              "candidates": [["z", "c", "b", "a"], ["y", "z", "a", "x"]]})
+    assert B.popularity_direct(rows, counts) == [["a", "b", "c", "z"], ["a", "x", "y", "z"]]
+    dd = DatasetDict(train=Dataset.from_dict({"user": ["u"] * 7, "target": list("aaabbcc")}), test=rows)
+    out = B.popularity_direct_eval(dd, ks=(1, 3))
+    # id ties: u1 target c at rank 2, u2 target z at rank 3
+    assert out["id_ties"]["HR@3"] == 0.5
+    assert out["id_ties"]["MRR"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+    # pessimistic: c ties with b (both 2) -> rank 2; z ties with x, y (0) -> rank 3
+    assert out["pessimistic_ties"]["MRR"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+
+
+# --------------------------------------------------------------------------------------------- rating
+
+
+def test_global_mean_rating_ignores_nan():
+    assert B.global_mean_rating([1.0, float("nan"), 5.0]) == 3.0
+    with pytest.raises(ValueError):
+        B.global_mean_rating([float("nan")])
+
+
+def _synthetic(n_users=30, n_items=20, seed=0):
+    rng = np.random.default_rng(seed)
+    bu = rng.normal(0, 0.5, n_users)
+    bi = rng.normal(0, 0.5, n_items)
+    bu -= bu.mean()
+    bi -= bi.mean()
+    users = [f"u{u}" for u in range(n_users) for _ in range(n_items)]
+    items = [f"i{i}" for _ in range(n_users) for i in range(n_items)]
+    r = 3.5 + np.repeat(bu, n_items) + np.tile(bi, n_users)
+    return users, items, r, bu, bi
+
+
+def test_biased_mf_recovers_noiseless_biases():
+    users, items, r, bu, bi = _synthetic()
+    model = B.BiasedMF(reg_bias=0.0, n_iters=50).fit(users, items, r)
+    assert model.mu == pytest.approx(3.5)
+    got_bu = np.array([model.user_bias[model.user_index[f"u{u}"]] for u in range(len(bu))])
+    got_bi = np.array([model.item_bias[model.item_index[f"i{i}"]] for i in range(len(bi))])
+    np.testing.assert_allclose(got_bu, bu, atol=1e-8)
+    np.testing.assert_allclose(got_bi, bi, atol=1e-8)
+    np.testing.assert_allclose(model.predict(users, items), r, atol=1e-8)
+    # unknown ids fall back to mu (+ the known side's bias)
+    assert model.predict(["nobody"], ["nothing"])[0] == pytest.approx(3.5)
+    assert model.predict(["u0"], ["nothing"])[0] == pytest.approx(3.5 + bu[0])
+
+
+def test_biased_mf_generalises_and_beats_global_mean():
+    users, items, r, _, _ = _synthetic()
+    rng = np.random.default_rng(1)
+    test_mask = rng.random(len(r)) < 0.2
+    tr, te = ~test_mask, test_mask
+    pick = lambda xs, m: [x for x, keep in zip(xs, m) if keep]  # noqa: E731
+    model = B.BiasedMF(reg_bias=0.01, n_iters=100).fit(pick(users, tr), pick(items, tr), r[tr])
+    pred = model.predict(pick(users, te), pick(items, te))
+    mean = B.global_mean_rating(r[tr])
+    mf = rating_metrics(pred.tolist(), r[te].tolist(), fallback=mean)
+    base = rating_metrics([mean] * int(te.sum()), r[te].tolist(), fallback=mean)
+    assert mf["RMSE"] < 0.01 < base["RMSE"]
+
+
+def test_biased_mf_with_factors_is_deterministic_and_fits():
+    rng = np.random.default_rng(2)
+    n_u, n_i = 25, 15
+    p, q = rng.normal(0, 1, (n_u, 2)), rng.normal(0, 1, (n_i, 2))
+    full = 3.0 + p @ q.T
+    users = [f"u{u}" for u in range(n_u) for _ in range(n_i)]
+    items = [f"i{i}" for _ in range(n_u) for i in range(n_i)]
+    r = full.ravel()
+    a = B.BiasedMF(n_factors=2, reg_bias=0.1, reg_factors=0.1, n_iters=50, seed=3).fit(users, items, r)
+    b = B.BiasedMF(n_factors=2, reg_bias=0.1, reg_factors=0.1, n_iters=50, seed=3).fit(users, items, r)
+    np.testing.assert_array_equal(a.predict(users, items), b.predict(users, items))
+    bias_only = B.BiasedMF(reg_bias=0.1).fit(users, items, r)
+    err = lambda m: np.sqrt(np.mean((m.predict(users, items) - r) ** 2))  # noqa: E731
+    assert err(a) < 0.1 < err(bias_only)
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+def test_nearest_review_baseline_picks_expected_texts():
+    train = Dataset.from_dict({
+        "user": ["alice", "alice", "bob", "bob", "carol", "dave"],
+        "item": ["hat", "bag", "shoe", "bag", "shoe", "shoe"],
+        "explanation": ["the colour is lovely", "lovely colour and soft", "very durable sole",
+                        "durable straps", "colour is lovely and bright", "comfortable fit"],
+    })
+    test = Dataset.from_dict({"user": ["alice", "bob", "erin", "alice"],
+                              "item": ["shoe", "hat", "shoe", "scarf"]})
+    preds = B.nearest_review_baseline(train, test, "explanation")
+    # alice writes about colour -> carol's shoe text; bob's profile shares nothing with the only hat text
+    # -> item's most common; erin has no profile -> shoe's most common (tie -> first row); scarf unseen ->
+    # global most common (all once -> first row)
+    assert preds == ["colour is lovely and bright", "the colour is lovely", "very durable sole",
+                     "the colour is lovely"]
+
+
+def test_nearest_summary_by_review():
+    train = Dataset.from_dict({
+        "review": ["battery lasts forever and charges fast", "screen cracked after a week", "",
+                   "the strap broke"],
+        "summary": ["great battery", "fragile screen", "no review", ""],
+    })
+    test = Dataset.from_dict({"review": ["my screen cracked", "battery charges fast", "xyz qqq"]})
+    preds = B.nearest_summary_by_review(train, test, chunk_cells=2)  # 1 test row per chunk
+    assert preds == ["fragile screen", "great battery", "great battery"]
+
+
+def test_tfidf_max_df_drops_common_terms():
+    vec = B.TfidfVectorizer(max_df=0.5)
+    x = vec.fit_transform(["the cat", "the dog", "the bird"])
+    assert x[:, vec.vocab["the"]].nnz == 0
+    np.testing.assert_allclose(np.asarray(x.multiply(x).sum(axis=1)).ravel(), 1.0)

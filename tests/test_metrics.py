@@ -1,0 +1,246 @@
+"""Metrics on hand-computed values, and BLEU / ROUGE against sacrebleu / rouge_score on fixed sentences."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from p5rec import metrics as M
+
+# --------------------------------------------------------------------------------------------- ranking
+
+
+def test_oracle_ranking_is_perfect():
+    targets = ["a", "b", "c"]
+    ranked = [["a", "x", "y"], ["b", "a"], ["c"]]
+    out = M.ranking_metrics(ranked, targets, ks=(1, 5, 10))
+    assert out["HR@1"] == 1.0
+    assert out["NDCG@10"] == 1.0
+    assert out["MAP@10"] == 1.0
+    assert out["MRR"] == 1.0
+
+
+def test_target_at_third_position():
+    ranks = M.rank_of_target([["x", "y", "t", "z"]], ["t"])
+    assert ranks.tolist() == [2.0]
+    assert M.ndcg(ranks, 5) == 0.5  # 1/log2(4), exactly
+    assert M.hit_ratio(ranks, 2) == 0.0
+    assert M.hit_ratio(ranks, 3) == 1.0
+    assert M.map_at_k(ranks, 5) == pytest.approx(1 / 3)
+    assert M.ndcg(ranks, 2) == 0.0
+
+
+def test_missing_target_scores_zero():
+    ranks = M.rank_of_target([["x", "y"]], ["t"])
+    assert np.isinf(ranks[0])
+    out = M.ranking_metrics_from_ranks(ranks, ks=(1, 5, 10))
+    assert all(v == 0.0 for v in out.values())
+
+
+def test_means_over_users_and_first_occurrence():
+    ranked = [["t", "t"], ["x", "t"], ["x", "y"], ["x", "y", "z", "t"]]
+    targets = ["t", "t", "t", "t"]
+    ranks = M.rank_of_target(ranked, targets)
+    assert ranks.tolist() == [0, 1, math.inf, 3]
+    out = M.ranking_metrics(ranked, targets, ks=(1, 5))
+    assert out["HR@1"] == 0.25
+    assert out["HR@5"] == 0.75
+    assert out["NDCG@5"] == pytest.approx((1 + 1 / math.log2(3) + 0 + 1 / math.log2(5)) / 4)
+    assert out["MAP@5"] == pytest.approx((1 + 1 / 2 + 0 + 1 / 4) / 4)
+    assert out["MRR"] == pytest.approx((1 + 1 / 2 + 0 + 1 / 4) / 4)
+
+
+def test_rank_of_target_array_input():
+    ranked = np.array([[3, 1, 2], [5, 6, 7]])
+    ranks = M.rank_of_target(ranked, np.array([2, 9]))
+    assert ranks.tolist() == [2, math.inf]
+
+
+def test_rank_from_scores_ties_pessimistic():
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.5, 0.1],  # target col 1 ties with col 2 -> pessimistic rank 2
+            [1.0, 1.0, 1.0, 1.0],  # all equal -> worst rank 3
+            [0.2, 0.8, 0.1, 0.0],  # clear: target col 1 is best
+            [np.nan, 0.3, 0.2, 0.1],  # NaN counts as -inf: target col 2 is ranked 1
+        ]
+    )
+    target = np.array([1, 0, 1, 2])
+    assert M.rank_from_scores(scores, target).tolist() == [2, 3, 0, 1]
+    assert M.rank_from_scores(scores, target, ties="optimistic").tolist() == [1, 0, 0, 1]
+    with pytest.raises(ValueError):
+        M.rank_from_scores(scores, target, ties="average")
+
+
+def test_ranking_input_errors():
+    with pytest.raises(ValueError):
+        M.rank_of_target([["a"]], ["a", "b"])
+    with pytest.raises(ValueError):
+        M.hit_ratio([], 5)
+    with pytest.raises(ValueError):
+        M.ndcg([0], 0)
+
+
+# --------------------------------------------------------------------------------------------- rating
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("5", 5.0), ("5.0", 5.0), (" 4.5 ", 4.5), ("4 stars", 4.0), ("4/5", 4.0), ("Five", 5.0), ("3.", 3.0),
+     ("abc", None), ("", None), ("nan", None), ("rating: 4", None), ("5.0.1", None), ("fivefold", None),
+     (4, 4.0), (float("nan"), None), (None, None)],
+)
+def test_parse_rating(text, value):
+    assert M.parse_rating(text) == value
+
+
+def test_rating_metrics_invalid_and_clipping():
+    preds = ["5", "abc", "7", "2.5"]
+    targets = [4.0, 3.0, 5.0, 1.5]
+    out = M.rating_metrics(preds, targets, lo=1, hi=5, fallback=3.5)
+    # errors: 1, 0.5 (fallback 3.5 vs 3), 0 (7 clipped to 5), 1
+    err = np.array([1.0, 0.5, 0.0, 1.0])
+    assert out["n"] == 4 and out["invalid"] == 1
+    assert out["RMSE"] == pytest.approx(math.sqrt(np.mean(err**2)))
+    assert out["MAE"] == pytest.approx(np.mean(err))
+    valid = err[[0, 2, 3]]
+    assert out["RMSE_valid"] == pytest.approx(math.sqrt(np.mean(valid**2)))
+    assert out["MAE_valid"] == pytest.approx(np.mean(valid))
+
+
+def test_rating_metrics_default_fallback_is_midpoint_and_all_invalid():
+    out = M.rating_metrics(["?", "?"], [3.0, 5.0])
+    assert out["invalid"] == 2
+    assert out["MAE"] == pytest.approx(1.0)
+    assert math.isnan(out["RMSE_valid"])
+
+
+def test_rating_metrics_floats_and_errors():
+    out = M.rating_metrics([0.0, 5.0], [1.0, 5.0])  # 0 clipped to 1
+    assert out["RMSE"] == 0.0 and out["invalid"] == 0
+    with pytest.raises(ValueError):
+        M.rating_metrics(["1"], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        M.rating_metrics(["1"], [float("nan")])
+
+
+def test_accuracy_normalises():
+    assert M.accuracy([" Yes", "no ", "LIKE", "yes"], ["yes", "no", "like", "no"]) == 0.75
+    with pytest.raises(ValueError):
+        M.accuracy(["yes"], [])
+
+
+# --------------------------------------------------------------------------------------------- text
+
+HYPS = [
+    "the hair dryer works great and is very quiet",
+    "This color is too dark for my skin",
+    "it smells like fresh flowers , love it",
+    "great product for the price",
+    "the lotion is thick and greasy",
+]
+REFS = [
+    "the hair dryer works well and it is very quiet",
+    "this color is a bit too dark for my skin tone",
+    "smells like fresh flowers and lasts all day",
+    "good product for the price",
+    "the lotion is too thick and greasy for me",
+]
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+def test_bleu_matches_sacrebleu(order):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from sacrebleu.metrics import BLEU
+
+    ours = M.bleu(HYPS, REFS, max_order=order)
+    ref = BLEU(tokenize="none", smooth_method="none", lowercase=True, max_ngram_order=order, force=True)
+    theirs = ref.corpus_score(HYPS, [REFS]).score
+    assert ours > 0
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    if order == 4:  # the convenience function used in the brief agrees too
+        conv = sacrebleu.corpus_bleu([h.lower() for h in HYPS], [[r.lower() for r in REFS]], tokenize="none",
+                                     smooth_method="none", force=True).score
+        assert ours == pytest.approx(conv, rel=1e-6)
+
+
+def test_bleu_matches_nltk_and_brevity_penalty():
+    bleu_score = pytest.importorskip("nltk.translate.bleu_score")
+    hyps = [h.lower().split() for h in HYPS]
+    refs = [[r.lower().split()] for r in REFS]
+    assert M.bleu(HYPS, REFS, 4) == pytest.approx(100 * bleu_score.corpus_bleu(refs, hyps), rel=1e-6)
+    # short hypotheses (brevity penalty < 1) and multiple references
+    short = ["the hair dryer works", "this color is"]
+    multi = [[REFS[0], "the hair dryer works fine"], [REFS[1]]]
+    theirs = bleu_score.corpus_bleu([[r.lower().split() for r in rs] for rs in multi], [s.split() for s in short],
+                                    weights=(0.5, 0.5))
+    # nltk uses the closest reference length, the TF-NMT code the shortest: here both pick the same one
+    assert M.bleu(short, multi, 2) == pytest.approx(100 * theirs, rel=1e-6)
+
+
+def test_bleu_degenerate():
+    assert M.bleu(["a b c"], ["x y z"], 4) == 0.0
+    assert M.bleu([""], ["x y z"], 4) == 0.0
+    assert M.bleu(["a b c d"], ["a b c d"], 4) == pytest.approx(100.0)
+
+
+def test_rouge_matches_rouge_score():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    preds = HYPS + ["Great!!! Works... as DESCRIBED", "", "café au lait"]
+    refs = REFS + ["works as described, great", "not empty", "cafe au lait"]
+    ours = M.rouge(preds, refs)
+    theirs = [scorer.score(r, p) for p, r in zip(preds, refs)]  # rouge_score takes (target, prediction)
+    for ours_key, key in [("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL")]:
+        expected = 100 * np.mean([s[key].fmeasure for s in theirs])
+        assert ours[ours_key] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_lcs_bit_parallel_matches_dp():
+    def dp(a, b):
+        t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i in range(len(a)):
+            for j in range(len(b)):
+                t[i + 1][j + 1] = t[i][j] + 1 if a[i] == b[j] else max(t[i][j + 1], t[i + 1][j])
+        return t[-1][-1]
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 12))]
+        b = [rng.choice("abcd") for _ in range(rng.randint(0, 12))]
+        assert M.lcs_length(a, b) == dp(a, b)
+
+
+def test_text_metrics_keys():
+    assert set(M.text_metrics(HYPS, REFS)) == {"BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"}
+    out = M.text_metrics(HYPS, REFS, bleu_orders=(2,))
+    assert set(out) == {"BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L"}
+    assert out["BLEU-2"] == pytest.approx(M.bleu(HYPS, REFS, 2))
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_metadata_and_duplicates():
+    assert M.METRICS["RMSE"].higher_is_better is False
+    assert M.METRICS["NDCG"].kind == "ranking"
+    assert M.lookup("NDCG@10").name == "NDCG"
+    assert M.lookup("BLEU-4").name == "BLEU"
+    assert M.lookup("RMSE_valid").name == "RMSE"
+    assert M.lookup("ROUGE-L").name == "ROUGE-L"
+    assert M.METRICS["NDCG"].fn([2], 5) == 0.5
+    with pytest.raises(KeyError):
+        M.lookup("F1")
+    with pytest.raises(ValueError, match="already registered"):
+        M.register(M.MetricSpec("HR", "ranking", True, M.hit_ratio))
+    with pytest.raises(TypeError):
+        M.METRICS["x"] = M.METRICS["HR"]  # read-only after import
+    local: dict = {}
+    M.register(M.MetricSpec("x", "value", False, M.mrr), local)
+    with pytest.raises(ValueError):
+        M.register(M.MetricSpec("x", "value", False, M.mrr), local)
+    with pytest.raises(ValueError):
+        M.MetricSpec("y", "bogus", True, M.mrr)

@@ -1,0 +1,48 @@
+import pytest
+from transformers import AutoTokenizer
+
+from p5rec.tokenizer import build_tokenizer, check_roundtrip, train_sentencepiece
+
+CORPUS = [
+    "great guitar strings, they sound bright and stay in tune",
+    "the cable is cheap but the plugs feel solid",
+    "user 17 bought item 1234 and item 56",
+    "this pedal adds a warm tone to my amp",
+] * 30
+
+
+def test_sentencepiece_splits_digits_and_is_deterministic():
+    v1 = train_sentencepiece(CORPUS, vocab_size=120, seed=1)
+    v2 = train_sentencepiece(CORPUS, vocab_size=120, seed=1)
+    assert v1 == v2
+    pieces = {p for p, _ in v1}
+    assert {"<pad>", "</s>", "<unk>"} <= pieces
+    assert [p for p, _ in v1[:3]] == ["<pad>", "</s>", "<unk>"]
+    # split_digits: no piece holds two digits
+    assert not any(sum(c.isdigit() for c in p) > 1 for p in pieces)
+
+
+def test_id_tokens_are_single_tokens_and_survive_reload(tmp_path):
+    vocab = train_sentencepiece(CORPUS, vocab_size=120)
+    ids = ["<u17>", "<i5>", "<i9>", "<a3>", "<b12>"]
+    tok = build_tokenizer(vocab, ids)
+    check_roundtrip(tok, CORPUS, ids)
+    enc = tok("<u17> bought <i5><i9>", add_special_tokens=False).input_ids
+    toks = tok.convert_ids_to_tokens(enc)
+    assert toks[0] == "<u17>" and toks[-2:] == ["<i5>", "<i9>"]
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    for s in CORPUS[:4] + ["<u17> bought <i5><i9>"]:
+        assert again(s).input_ids == tok(s).input_ids
+    assert tok("great").input_ids[-1] == tok.eos_token_id
+
+
+def test_text_ids_split_into_digits():
+    tok = build_tokenizer(train_sentencepiece(CORPUS, vocab_size=120))
+    toks = tok.convert_ids_to_tokens(tok("item_1234", add_special_tokens=False).input_ids)
+    assert toks[-4:] == ["1", "2", "3", "4"]
+
+
+def test_empty_corpus_is_a_clear_error():
+    with pytest.raises(ValueError, match="no text"):
+        train_sentencepiece(["", "  "])

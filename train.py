@@ -1,0 +1,16 @@
+"""Train one T5 on every recommendation task, then score each task family on the test split.
+
+    python train.py                      # the main job: embedded Musical Instruments data, CPU, < 15 min
+    python train.py --preset compact --max_steps 20000 --bf16 true   # bigger, e.g. on a GPU
+    python train.py configs/beauty.yaml  # everything from one config file
+    accelerate launch train.py ...       # multi-GPU, unchanged
+
+All flags: `python train.py --help` (model, data and Seq2SeqTrainingArguments groups).
+"""
+
+import sys
+
+from p5rec.training import main
+
+if __name__ == "__main__":
+    sys.exit(main())
