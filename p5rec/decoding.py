@@ -96,7 +96,7 @@ def _batches(sources: Sequence[str], batch_size: int, desc: str | None):
     """Yield (indices, texts) batches sorted by length; a progress bar when ``desc`` is given."""
     order = np.argsort([len(s) for s in sources], kind="stable")
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+    for start in tqdm(starts, desc=desc, disable=True if desc is None else None, leave=False):
         idx = order[start : start + batch_size]
         yield idx, [sources[i] for i in idx]
 

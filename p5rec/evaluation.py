@@ -1,0 +1,429 @@
+"""Score a trained run per task family with that family's protocol; write results.json and results.md.
+
+How a template is scored follows from two facts about it: its ``scoring`` kind and what its target renders
+(an item, a rating, free text, or one of its answer choices). See :func:`target_kind` and :func:`score_template`.
+
+| kind of template | protocol | metrics |
+|---|---|---|
+| generation, item target | beam search restricted by a trie to the catalogue | HR@1/5/10, NDCG@5/10, MAP@10 |
+| candidate_ranking / listwise | the same, restricted to the case's saved candidates | same |
+| choice / pointwise over an item (yes/no) | rank the saved candidates by P(yes) - P(no) | same |
+| pairwise | which of (target, one saved negative) the model picks | accuracy |
+| generation, rating target | greedy, parsed, clipped to [1, 5]; unparsable outputs counted | RMSE, MAE |
+| choice over a rating (like/dislike, k stars?) | argmax over answer choices | accuracy |
+| generation, text target | greedy (beam optional) | BLEU-4 (BLEU-2 for summaries), ROUGE-1/2/L |
+
+Baselines on the same split sit beside the model: popularity (sequential, direct), global mean and biased MF
+(rating), nearest training text (explanation, review).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RANKING_KEYS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MAP@10")
+FAMILY_SPLIT = {"sequential": "sequential", "direct": "direct", "rating": "reviews", "review": "reviews",
+                "explanation": "explanation", "ranking": "sequential"}
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    families: tuple[str, ...] = ("sequential", "direct", "rating", "explanation", "review", "ranking")
+    templates: tuple[str, ...] = ()  # template ids; empty: all
+    max_cases: int = 0  # cases per template (users for ranking); 0: all
+    max_candidate_cases: int = 200  # users for per-candidate (yes/no over 100 candidates) templates; 0: all
+    batch_size: int = 64
+    num_beams: int = 20
+    text_beams: int = 1
+    max_new_tokens: int = 32
+    max_source_length: int = 128
+    exclude_history: bool = False
+    seed: int = 42
+    baselines: bool = True
+    progress: bool = True  # a progress bar per template
+
+
+@dataclass
+class TemplateResult:
+    template: str
+    family: str
+    seen: bool
+    scoring: str
+    kind: str
+    metrics: dict[str, float]
+    n: int
+    invalid: int = 0
+    seconds: float = 0.0
+    examples: list[dict] = field(default_factory=list)
+
+
+def target_kind(template) -> str:
+    """'item', 'pairwise', 'choice', 'rating' or 'text', from the template's scoring kind and target fields."""
+    if template.scoring == "pairwise":
+        return "pairwise"
+    if template.scoring in ("candidate_ranking", "listwise") or template.answers_item:
+        return "item"
+    if template.scoring in ("choice", "pointwise") or template.answer_choices:
+        return "choice"
+    if "rating" in template.target_variables:
+        return "rating"
+    return "text"
+
+
+def _records(prepared, family: str, split: str, n: int, seed: int) -> list[dict]:
+    table = prepared.family(family)[split]
+    if n and len(table) > n:
+        idx = np.sort(np.random.default_rng(seed).choice(len(table), size=n, replace=False))
+        table = table.select(idx.tolist())
+    return table.to_list()
+
+
+def _render(template, records, prepared, render_config):
+    from p5rec.templates import item_titles, render_records
+
+    titles = item_titles(prepared) if template.needs_titles else None
+    return render_records(template, records, prepared.index, render_config, titles=titles)
+
+
+def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render_config, tries,
+                   data_family: str | None = None) -> TemplateResult:
+    """Evaluate one template on ``cfg.split``; ``tries`` caches the catalogue trie.
+
+    ``data_family`` names the prepared table the template's family reads (the ranking family reads
+    ``sequential``); by default the template's own family.
+    """
+    from p5rec import decoding, metrics
+
+    t0 = time.time()
+    kind = target_kind(template)
+    family = data_family or template.family
+    item_choice = kind == "choice" and _is_item_choice(template)
+    n_cases = cfg.max_candidate_cases if item_choice else cfg.max_cases
+    records = _records(prepared, family, cfg.split, n_cases, cfg.seed)
+    records = _attach_candidates(prepared, family, cfg.split, records)
+    desc = template.id if cfg.progress else None
+    common = dict(batch_size=cfg.batch_size, max_source_length=cfg.max_source_length, desc=desc)
+    invalid, examples = 0, []
+
+    if kind == "item" and template.scoring in ("candidate_ranking", "listwise"):
+        rendered = _render(template, records, prepared, render_config)
+        sources = [s for s, _ in rendered]
+        per = [tries["catalogue"].subset(r["candidates"]) for r in records]
+        ranked = decoding.rank_items(model, tokenizer, sources, per, k=20, num_beams=cfg.num_beams, **common)
+        result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], [r["target"] for r in records])
+        examples = [{"source": s, "target": r["target"], "top": [i for i, _ in x[:5]]}
+                    for s, r, x in list(zip(sources, records, ranked))[:3]]
+    elif kind == "item":
+        rendered = _render(template, records, prepared, render_config)
+        sources = [s for s, _ in rendered]
+        exclude = [r.get("history", []) for r in records] if cfg.exclude_history else None
+        ranked = decoding.rank_items(model, tokenizer, sources, tries["catalogue"], k=20,
+                                     num_beams=cfg.num_beams, exclude=exclude, **common)
+        result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], [r["target"] for r in records])
+        examples = [{"source": s, "target": r["target"], "top": [i for i, _ in x[:5]]}
+                    for s, r, x in list(zip(sources, records, ranked))[:3]]
+    elif item_choice:
+        # One prompt per (case, candidate); rank candidates by log P(yes) - log P(no).
+        flat, owner = [], []
+        for ci, r in enumerate(records):
+            for cand in r["candidates"]:
+                flat.append(dict(r, item=cand, candidate=cand))
+                owner.append(ci)
+        rendered = _render(template, flat, prepared, render_config)
+        yes, no = template.answer_choices[0], template.answer_choices[1]
+        lp = decoding.choice_logprobs(model, tokenizer, [s for s, _ in rendered], [yes, no],
+                                      batch_size=cfg.batch_size * 2, max_source_length=cfg.max_source_length,
+                                      desc=desc)
+        score = lp[:, 0] - lp[:, 1]
+        owner = np.asarray(owner)
+        ranked = []
+        for ci, r in enumerate(records):
+            s = score[owner == ci]
+            order = np.argsort(-s, kind="stable")
+            ranked.append([r["candidates"][j] for j in order])
+        result = metrics.ranking_metrics(ranked, [r["target"] for r in records])
+    elif kind == "pairwise":
+        rendered = _render(template, records, prepared, render_config)
+        sources = [s for s, _ in rendered]
+        golds = [t for _, t in rendered]
+        choices = list(template.answer_choices or ["A", "B"])
+        lp = decoding.choice_logprobs(model, tokenizer, sources, choices, batch_size=cfg.batch_size,
+                                      max_source_length=cfg.max_source_length, desc=desc)
+        preds = [choices[j] for j in lp.argmax(1)]
+        result = {"accuracy": metrics.accuracy(preds, golds)}
+    elif kind == "choice":
+        rendered = _render(template, records, prepared, render_config)
+        sources, golds = [s for s, _ in rendered], [t for _, t in rendered]
+        choices = list(template.answer_choices)
+        lp = decoding.choice_logprobs(model, tokenizer, sources, choices, batch_size=cfg.batch_size,
+                                      max_source_length=cfg.max_source_length, desc=desc)
+        preds = [choices[j] for j in lp.argmax(1)]
+        result = {"accuracy": metrics.accuracy(preds, golds)}
+        examples = [{"source": s, "target": g, "output": p} for s, g, p in list(zip(sources, golds, preds))[:3]]
+    else:
+        rendered = _render(template, records, prepared, render_config)
+        sources, golds = [s for s, _ in rendered], [t for _, t in rendered]
+        outputs = decoding.generate_text(model, tokenizer, sources, max_new_tokens=cfg.max_new_tokens,
+                                         num_beams=cfg.text_beams, **common)
+        if kind == "rating":
+            fallback = _train_mean_rating(prepared)
+            result = metrics.rating_metrics(outputs, [float(g) for g in golds], fallback=fallback)
+            invalid = int(result.get("invalid", 0))
+        else:
+            orders = (2,) if family == "review" else (4,)
+            result = metrics.text_metrics(outputs, golds, bleu_orders=orders)
+        examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
+    return TemplateResult(
+        template=template.id, family=template.family, seen=template.seen, scoring=template.scoring, kind=kind,
+        metrics={k: float(v) for k, v in result.items()}, n=len(records), invalid=invalid,
+        seconds=round(time.time() - t0, 2), examples=examples,
+    )
+
+
+def _is_item_choice(template) -> bool:
+    """A yes/no template whose question is about one item (scored by ranking candidates by P(yes))."""
+    return template.family in ("sequential", "direct", "ranking") and "item" in template.variables
+
+
+def _attach_candidates(prepared, family: str, split: str, records: list[dict]) -> list[dict]:
+    """Give each case its saved candidates (the direct split's 1 positive + 99 negatives for that user)."""
+    if family not in ("sequential", "direct", "ranking") or (records and "candidates" in records[0]):
+        return records
+    table = prepared.family("direct")[split]
+    by_user = dict(zip(table["user"], table["candidates"]))
+    return [dict(r, candidates=by_user[r["user"]]) for r in records if r["user"] in by_user]
+
+
+def _train_mean_rating(prepared) -> float:
+    return float(np.mean(prepared.family("rating")["train"]["rating"]))
+
+
+def build_catalogue_trie(prepared, tokenizer, id_form: str):
+    from p5rec.decoding import ItemTrie
+
+    index = prepared.index
+    return ItemTrie.from_surfaces(tokenizer, {raw: index.item_text(raw, id_form) for raw in index.items})
+
+
+def aggregate(results: list[TemplateResult]) -> dict:
+    """Per family: mean of each metric over seen and over unseen templates (same-kind templates only)."""
+    out: dict[str, dict] = {}
+    for fam in sorted({r.family for r in results}):
+        fam_out = {}
+        for group, flag in (("seen", True), ("unseen", False)):
+            rs = [r for r in results if r.family == fam and r.seen == flag]
+            keys = sorted({k for r in rs for k in r.metrics if k not in ("n", "invalid")})
+            fam_out[group] = {k: float(np.mean([r.metrics[k] for r in rs if k in r.metrics])) for k in keys}
+        out[fam] = fam_out
+    return out
+
+
+def run_baselines(prepared, cfg: EvalConfig) -> dict:
+    """Baselines scored on the same split and the same cases protocol as the model."""
+    from p5rec import baselines, metrics
+
+    out: dict[str, dict] = {}
+    split = cfg.split
+    fams = set(cfg.families)
+    seq = prepared.family("sequential")
+    # The training part of each user's sequence is exactly the history of their validation case.
+    train_items = [i for h in seq["valid"]["history"] for i in h]
+    if {"sequential", "ranking"} & fams:
+        rows = _records(prepared, "sequential", split, cfg.max_cases, cfg.seed)
+        targets = [r["target"] for r in rows]
+        pop = baselines.popularity_ranking(train_items, k=20, n_users=len(rows))
+        excl = baselines.popularity_ranking(train_items, k=20, exclude=[r["history"] for r in rows])
+        out["sequential"] = {
+            "popularity": metrics.ranking_metrics(pop, targets),
+            "popularity (history excluded)": metrics.ranking_metrics(excl, targets),
+        }
+    if "direct" in fams:
+        rows = prepared.family("direct")[split]
+        ranked = baselines.popularity_direct(rows, _counts(train_items))
+        out["direct"] = {"popularity": metrics.ranking_metrics(ranked, rows["target"])}
+    if "rating" in fams:
+        rv = prepared.family("rating")
+        tr, te = rv["train"], rv[split]
+        mu = baselines.global_mean_rating(tr["rating"])
+        res = {"global mean": metrics.rating_metrics([mu] * len(te), te["rating"])}
+        mf = baselines.BiasedMF()
+        mf.fit(tr["user"], tr["item"], tr["rating"])
+        res["biased MF"] = metrics.rating_metrics(list(mf.predict(te["user"], te["item"])), te["rating"])
+        out["rating"] = res
+    if "explanation" in fams:
+        ex = prepared.family("explanation")
+        preds = baselines.nearest_review_baseline(ex["train"], ex[split], "explanation")
+        out["explanation"] = {"nearest training explanation": metrics.text_metrics(preds, ex[split]["explanation"], bleu_orders=(4,))}
+    if "review" in fams:
+        rv = prepared.family("review")
+        preds = baselines.nearest_summary_by_review(rv["train"], rv[split])
+        out["review"] = {"summary of nearest training review": metrics.text_metrics(preds, rv[split]["summary"], bleu_orders=(2,))}
+    return out
+
+
+def _counts(items) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(items))
+
+
+def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, prepared=None, templates=None) -> dict:
+    """Score every selected template of the run on ``cfg.split``; write results.json and results.md."""
+    import torch
+
+    from p5rec.prepare import load_prepared
+    from p5rec.templates import RenderConfig, load_templates
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "run_config.json").read_text())
+    if model is None:
+        from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+        model = T5ForConditionalGeneration.from_pretrained(str(run_dir))
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if prepared is None:
+        prepared = load_prepared(Path(config["prepared_dir"]))
+    if templates is None:
+        templates = load_templates()
+    render = dict(config["render"])
+    render_config = RenderConfig(**render)
+    id_form = render_config.id_form
+    tries = {"catalogue": build_catalogue_trie(prepared, tokenizer, id_form)}
+    data_of = {f: templates.family_info(f).data for f in templates.families}
+    chosen = [
+        t for t in templates
+        if t.family in cfg.families and prepared.has_family(data_of[t.family])
+        and (not cfg.templates or t.id in cfg.templates)
+        and _renderable(t, prepared)
+    ]
+    logger.info("evaluating %d templates on %s", len(chosen), cfg.split)
+    results = []
+    started = time.time()
+    for t in chosen:
+        r = score_template(model, tokenizer, prepared, t, cfg, render_config, tries, data_of[t.family])
+        logger.info("%-6s %-11s %-7s n=%-5d %s (%.1fs)", r.template, r.family, "seen" if r.seen else "unseen",
+                    r.n, _fmt(r.metrics), r.seconds)
+        results.append(r)
+    report = {
+        "run": str(run_dir),
+        "split": cfg.split,
+        "eval_config": asdict(cfg),
+        "decoding": {"num_beams": cfg.num_beams, "text_beams": cfg.text_beams, "max_new_tokens": cfg.max_new_tokens,
+                     "id_form": id_form, "restricted": "prefix trie over the catalogue / saved candidates"},
+        "manifest_fingerprint": prepared.manifest.get("fingerprint"),
+        "manifest_sha256": hashlib.sha256((Path(prepared.path) / "manifest.json").read_bytes()).hexdigest(),
+        "model": {"parameters": int(sum(p.numel() for p in model.parameters())), "preset": config["model"]["preset"]},
+        "templates": {r.template: asdict(r) for r in results},
+        "families": aggregate(results),
+        "baselines": run_baselines(prepared, cfg) if cfg.baselines else {},
+        "seconds": round(time.time() - started, 1),
+    }
+    (run_dir / "results.json").write_text(json.dumps(report, indent=2))
+    md = results_markdown(report)
+    (run_dir / "results.md").write_text(md)
+    print(md)
+    return report
+
+
+def _renderable(template, prepared) -> bool:
+    return not template.needs_titles or prepared.items is not None
+
+
+HEADLINE = {
+    "sequential": ["HR@5", "NDCG@5", "HR@10", "NDCG@10"],
+    "direct": ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"],
+    "ranking": ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "accuracy"],
+    "rating": ["RMSE", "MAE", "invalid", "accuracy"],
+    "explanation": ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"],
+    "review": ["BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L", "RMSE", "MAE"],
+}
+
+
+def results_markdown(report: dict) -> str:
+    lines = [f"# Results on the {report['split']} split", ""]
+    lines.append(f"Run: `{report['run']}` — model {report['model']['preset']} "
+                 f"({report['model']['parameters'] / 1e6:.2f} M parameters), ids `{report['decoding']['id_form']}`.")
+    lines.append("")
+    by_family: dict[str, list[dict]] = {}
+    for r in report["templates"].values():
+        by_family.setdefault(r["family"], []).append(r)
+    for fam, rows in by_family.items():
+        keys = [k for k in HEADLINE.get(fam, []) if any(k in r["metrics"] for r in rows)]
+        base = report["baselines"].get(fam, {})
+        keys += [k for k in sorted({k for b in base.values() for k in b}) if k in HEADLINE.get(fam, []) and k not in keys]
+        lines += [f"## {fam}", "", "| template | seen | n | " + " | ".join(keys) + " |",
+                  "|---|---|---|" + "---|" * len(keys)]
+        for r in rows:
+            vals = [_cell(r["metrics"].get(k)) for k in keys]
+            lines.append(f"| {r['template']} ({r['scoring']}) | {'seen' if r['seen'] else '**unseen**'} | {r['n']} | "
+                         + " | ".join(vals) + " |")
+        agg = report["families"].get(fam, {})
+        for group in ("seen", "unseen"):
+            if agg.get(group):
+                lines.append(f"| *mean {group}* | | | " + " | ".join(_cell(agg[group].get(k)) for k in keys) + " |")
+        for name, m in base.items():
+            lines.append(f"| baseline: {name} | | {m.get('n', '')} | " + " | ".join(_cell(m.get(k)) for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (int, np.integer)) or float(v).is_integer() and abs(v) > 1:
+        return str(int(v))
+    return f"{v:.4f}" if abs(v) < 1.5 else f"{v:.2f}"
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in m.items() if k not in ("n",))
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="score a trained run on the test split, per template and family")
+    p.add_argument("--run", required=True, type=Path, help="run directory written by train.py")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    p.add_argument("--templates", default=None, help="comma-separated template ids (default: all)")
+    p.add_argument("--max-users", type=int, default=0, help="cases per template (0: all)")
+    p.add_argument("--max-candidate-users", type=int, default=200,
+                   help="users for yes/no-per-candidate templates (each costs 100 prompts; 0: all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--beams", type=int, default=20, help="beam width for restricted item generation")
+    p.add_argument("--text-beams", type=int, default=1, help="beam width for text generation (1: greedy)")
+    p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
+    p.add_argument("--no-baselines", action="store_true")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    cfg = EvalConfig(
+        split=args.split,
+        max_cases=args.max_users,
+        max_candidate_cases=args.max_candidate_users,
+        batch_size=args.batch_size,
+        num_beams=args.beams,
+        text_beams=args.text_beams,
+        exclude_history=args.exclude_history,
+        baselines=not args.no_baselines,
+    )
+    if args.families:
+        cfg.families = tuple(f.strip() for f in args.families.split(","))
+    if args.templates:
+        cfg.templates = tuple(t.strip() for t in args.templates.split(","))
+    if not (args.run / "run_config.json").exists():
+        print(f"p5rec evaluate: {args.run} is not a run directory (no run_config.json)")
+        return 2
+    evaluate_run(args.run, cfg)
+    return 0

@@ -1,0 +1,307 @@
+"""Multitask training: prepared dataset -> rendered mixture -> tokenizer -> T5 -> Seq2SeqTrainer -> run directory.
+
+The pipeline reads top to bottom in :func:`run`. Arguments are three dataclasses parsed by ``HfArgumentParser``
+(from the command line, or from one JSON/YAML file), as in the transformers seq2seq examples. The defaults are the
+main job: the embedded Musical Instruments dataset, the ``mini`` preset, a step budget measured to finish the
+whole job (prepare, train, evaluate) in under 15 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="mini", metadata={"help": "T5 shape: tiny, mini (CPU default), compact, small, base"})
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "local pretrained T5 directory (overrides --preset); never downloaded"}
+    )
+    vocab_size: int = field(default=4000, metadata={"help": "SentencePiece vocabulary size (before id tokens)"})
+    id_form: str = field(default="token", metadata={"help": "token: one vocab token per id; text: P5's item_123"})
+    dropout_rate: Optional[float] = field(default=None, metadata={"help": "override the preset's dropout"})
+
+    def __post_init__(self):
+        from p5rec.model import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: choose one of {sorted(PRESETS)}")
+        if self.id_form not in ("token", "text"):
+            raise ValueError(f"--id_form {self.id_form!r}: choose token or text")
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="amazon2014-musical-instruments",
+        metadata={"help": "registered dataset name or a path to raw files (see `p5rec data list`)"},
+    )
+    data_format: Optional[str] = field(default=None, metadata={"help": "reader for --dataset paths (auto-detected)"})
+    prepared_dir: Optional[str] = field(
+        default=None, metadata={"help": "an existing `p5rec data prepare` output; skips preparation"}
+    )
+    index: str = field(default="random", metadata={"help": "item id strategy: random, sequential, collaborative"})
+    k_core: int = field(default=5, metadata={"help": "iterative k-core filter"})
+    families: str = field(
+        default="sequential,direct,rating,explanation,review", metadata={"help": "comma-separated task families"}
+    )
+    renders: str = field(
+        default="sequential=6,direct=3,rating=1,explanation=1,review=1",
+        metadata={"help": "prompts rendered per training record, per family"},
+    )
+    max_history: int = field(default=20, metadata={"help": "most recent items shown in a history"})
+    max_source_length: int = field(default=128, metadata={"help": "prompt tokens kept"})
+    max_target_length: int = field(default=32, metadata={"help": "target tokens kept"})
+    template_files: Optional[str] = field(default=None, metadata={"help": "extra templates.yaml files, comma-separated"})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "prepared data and tokenized mixture cache"})
+    eval_users: int = field(default=200, metadata={"help": "validation users/rows per family for the learning curve"})
+    test_max_cases: int = field(
+        default=0, metadata={"help": "cap test cases per template in the final evaluation (0: all)"}
+    )
+    skip_test: bool = field(default=False, metadata={"help": "train only; evaluate later with `p5rec evaluate`"})
+
+    def __post_init__(self):
+        if self.index not in ("random", "sequential", "collaborative"):
+            raise ValueError(f"--index {self.index!r}: choose random, sequential or collaborative")
+
+    def family_list(self) -> tuple[str, ...]:
+        return tuple(f.strip() for f in self.families.split(",") if f.strip())
+
+    def render_counts(self) -> dict[str, int]:
+        out = {}
+        for part in self.renders.split(","):
+            name, _, n = part.partition("=")
+            if not n.strip().isdigit():
+                raise ValueError(f"--renders: expected family=N, got {part!r}")
+            out[name.strip()] = int(n)
+        return out
+
+
+# Main-job defaults for Seq2SeqTrainingArguments; any flag on the command line overrides them.
+TRAINING_DEFAULTS = dict(
+    output_dir="",
+    max_steps=2400,
+    per_device_train_batch_size=64,
+    per_device_eval_batch_size=128,
+    learning_rate=3e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=100,
+    weight_decay=0.01,
+    logging_steps=50,
+    eval_strategy="steps",
+    eval_steps=400,
+    save_strategy="steps",
+    save_steps=400,
+    save_total_limit=2,
+    seed=42,
+    report_to="none",
+    dataloader_num_workers=0,
+    train_sampling_strategy="group_by_length",
+    disable_tqdm=False,
+)
+
+
+def parse_args(argv: list[str] | None = None):
+    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def default_output_dir(margs: ModelArguments, dargs: DataArguments) -> str:
+    name = Path(dargs.dataset).name.replace(".json.gz", "")
+    return str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{margs.preset}-{dargs.index}")
+
+
+def prepare_data(dargs: DataArguments, seed: int):
+    """Prepare (or reuse a cached preparation of) the dataset; return the PreparedDataset."""
+    from p5rec.mixture import default_cache_dir
+    from p5rec.prepare import load_prepared, prepare
+
+    if dargs.prepared_dir:
+        return load_prepared(Path(dargs.prepared_dir))
+    cache = Path(dargs.cache_dir) if dargs.cache_dir else default_cache_dir()
+    name = Path(dargs.dataset).name.replace(".", "_")
+    out = cache / "prepared" / f"{name}-{dargs.index}-k{dargs.k_core}-seed{seed}"
+    if not (out / "manifest.json").exists():
+        prepare(dargs.dataset, out, fmt=dargs.data_format, k=dargs.k_core, index=dargs.index, seed=seed)
+    else:
+        logger.info("using prepared data %s", out)
+    return load_prepared(out)
+
+
+def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
+    """The whole job; returns the run directory."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, set_seed
+
+    from p5rec.callbacks import LearningCurveCallback
+    from p5rec.mixture import MixtureSpec, build_mixture, id_tokens
+    from p5rec.model import build_model, load_pretrained
+    from p5rec.templates import RenderConfig, load_templates
+
+    started = time.time()
+    if not targs.output_dir:
+        targs.output_dir = default_output_dir(margs, dargs)
+    run_dir = Path(targs.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _add_file_log(run_dir / "train_log.txt")
+    set_seed(targs.seed)
+
+    prepared = prepare_data(dargs, targs.seed)
+    extra = [Path(p) for p in dargs.template_files.split(",")] if dargs.template_files else None
+    templates = load_templates(paths=extra)
+    render_config = RenderConfig(
+        seed=targs.seed, id_form=margs.id_form, max_history=dargs.max_history, renders=dargs.render_counts()
+    )
+    spec = MixtureSpec(
+        families=dargs.family_list(),
+        vocab_size=margs.vocab_size,
+        max_source_length=dargs.max_source_length,
+        max_target_length=dargs.max_target_length,
+    )
+    cache_dir = Path(dargs.cache_dir) if dargs.cache_dir else None
+    t0 = time.time()
+    tokenizer, train, valid, mix_info = build_mixture(prepared, templates, render_config, spec, cache_dir)
+    mix_info["seconds"] = round(time.time() - t0, 2)
+    logger.info("mixture: %d train rows, %d valid rows (%.1fs)", len(train), len(valid), mix_info["seconds"])
+
+    set_seed(targs.seed)  # the model's initial weights depend only on the seed
+    if margs.model_name_or_path:
+        model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, id_tokens(prepared.index, margs.id_form))
+    else:
+        model = build_model(margs.preset, tokenizer, margs.dropout_rate)
+
+    _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model)
+    tokenizer.save_pretrained(str(run_dir))
+
+    text_cols = [c for c in train.column_names if c not in ("input_ids", "attention_mask", "labels")]
+    curve = LearningCurveCallback(
+        run_dir=run_dir,
+        prepared=prepared,
+        tokenizer=tokenizer,
+        templates=templates,
+        render_config=render_config,
+        families=spec.families,
+        n_users=dargs.eval_users,
+        max_source_length=dargs.max_source_length,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train.remove_columns(text_cols),
+        eval_dataset=valid.remove_columns(text_cols),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8),
+        processing_class=tokenizer,
+        callbacks=[curve],
+    )
+    train_result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+    trainer.save_model(str(run_dir))
+    trainer.save_state()
+    metrics = dict(train_result.metrics)
+    metrics["train_rows"] = len(train)
+    (run_dir / "train_results.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("training done in %.0fs: %s", metrics.get("train_runtime", 0), metrics)
+
+    if not dargs.skip_test:
+        from p5rec.evaluation import EvalConfig, evaluate_run
+
+        evaluate_run(
+            run_dir,
+            EvalConfig(max_cases=dargs.test_max_cases, batch_size=targs.per_device_eval_batch_size),
+            model=model,
+            tokenizer=tokenizer,
+            prepared=prepared,
+            templates=templates,
+        )
+    total = time.time() - started
+    _update_json(run_dir / "run_config.json", {"wall_clock_seconds": round(total, 1)})
+    logger.info("run directory: %s (%.0fs in all)", run_dir, total)
+    return run_dir
+
+
+def _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model) -> None:
+    import p5rec
+
+    config = {
+        "p5rec_version": p5rec.__version__,
+        "seed": targs.seed,
+        "model": asdict(margs),
+        "data": asdict(dargs),
+        "render": asdict(render_config),
+        "mixture": asdict(spec) | mix_info,
+        "training": targs.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "prepared_dir": str(prepared.path),
+    }
+    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+    (run_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
+    shutil.copy(Path(prepared.path) / "manifest.json", run_dir / "manifest.json")
+    shutil.copy(Path(prepared.path) / "index.json", run_dir / "index.json")
+
+
+def _versions() -> dict:
+    import datasets
+    import torch
+    import transformers
+
+    import p5rec
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "p5rec": p5rec.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _update_json(path: Path, values: dict) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def _add_file_log(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    margs, dargs, targs = parse_args(argv)
+    run(margs, dargs, targs)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train one T5 on the task mixture (all flags of train.py; see `p5rec train -- --help`)"
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="train.py arguments, or one JSON/YAML config file")
+    p.set_defaults(func=lambda a: main(a.args))

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from p5rec.model import PRESETS, build_model, load_pretrained, t5_config
+from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+
+CORPUS = ["the strings sound great", "a cheap cable that works", "my amp hums a little"] * 20
+
+
+def _tok(ids=()):
+    return build_tokenizer(train_sentencepiece(CORPUS, vocab_size=50), ids)
+
+
+def test_presets_have_expected_shapes():
+    assert PRESETS["small"].d_model == 512 and PRESETS["small"].num_layers == 6  # the t5-small shape
+    cfg = t5_config("mini", 1000)
+    assert cfg.vocab_size == 1000 and cfg.decoder_start_token_id == 0 and cfg.eos_token_id == 1
+    with pytest.raises(ValueError, match="unknown model preset"):
+        t5_config("huge", 10)
+
+
+def test_build_model_covers_the_tokenizer():
+    tok = _tok(["<i1>", "<i2>", "<u1>"])
+    model = build_model("tiny", tok)
+    assert model.config.vocab_size >= len(tok) and model.config.vocab_size % 8 == 0
+    out = model.generate(**tok(["<u1> the strings"], return_tensors="pt"), max_new_tokens=3)
+    assert out.shape[0] == 1
+
+
+def test_load_pretrained_checkpoint_extends_vocabulary(tmp_path):
+    """The pretrained path is real code: save a checkpoint, reload it, add id tokens, outputs stay identical."""
+    torch.manual_seed(0)
+    tok = _tok()
+    model = build_model("tiny", tok)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    new_ids = [f"<i{i}>" for i in range(1, 40)]
+    loaded, ltok = load_pretrained(tmp_path, id_tokens=new_ids)
+    assert len(ltok) == len(tok) + len(new_ids)
+    assert loaded.get_input_embeddings().num_embeddings >= len(ltok)
+    enc = tok(["the strings sound great"], return_tensors="pt")
+    model.eval(), loaded.eval()
+    a = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    b = loaded.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b)  # old tokens behave exactly as before the vocabulary grew
+    assert ltok("<i7>", add_special_tokens=False).input_ids == [ltok.convert_tokens_to_ids("<i7>")]
+
+
+def test_load_pretrained_missing_path_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pretrained(tmp_path / "nope")

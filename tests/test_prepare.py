@@ -1,0 +1,140 @@
+"""prepare: tiny hand-written Amazon-2014 and P5-sequence inputs end to end; CLI error handling; MI if present."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from p5rec.cli import main
+from p5rec.prepare import FAMILY_DIRS, load_prepared, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+MI = ROOT / "data" / "reviews_Musical_Instruments_5.json.gz"
+
+TEXTS = [
+    "The strings sound great on my old guitar.",
+    "The tuner is accurate and very easy to read.",
+    "Cheap cable, the cable broke after a week of use.",
+    "Solid stand, the stand holds my guitar well.",
+]
+
+
+def write_amazon(path: Path) -> Path:
+    """7 users x 8 items; u7 has one review (k-core k=2 drops it); one exact duplicate line."""
+    rows = []
+    for u in range(6):
+        for j in range(5):
+            item = f"B{(u + j) % 8:03d}"
+            rows.append({"reviewerID": f"U{u}", "asin": item, "overall": float(1 + (u + j) % 5),
+                         "unixReviewTime": 1_000_000 + 1000 * j + u, "reviewText": TEXTS[(u + j) % 4],
+                         "summary": f"summary {u} {j}", "reviewerName": f"name{u}"})
+    rows.append(dict(rows[0]))  # exact duplicate
+    rows.append({"reviewerID": "U7", "asin": "B000", "overall": 5.0, "unixReviewTime": 5, "reviewText": TEXTS[0],
+                 "summary": "s", "reviewerName": "x"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def write_p5seq(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{u} " + " ".join(str(1 + (u + j) % 9) for j in range(5)) for u in range(1, 8)]
+    (folder / "sequential_data.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def amazon(tmp_path_factory):
+    base = tmp_path_factory.mktemp("amz")
+    src = write_amazon(base / "reviews_Tiny_5.json.gz")
+    out = prepare(src, base / "out", k=2, n_negatives=2, seed=3)
+    return src, out
+
+
+def test_prepare_amazon_counts_and_families(amazon):
+    _, out = amazon
+    m = json.loads((out / "manifest.json").read_text())
+    c = m["counts"]
+    assert c["interactions_read"] == 32
+    assert c["duplicates"] == {"exact_duplicates": 1, "repeat_interactions": 0}
+    assert c["kcore_removed"]["rows"] == 1 and c["after"] == {"users": 6, "items": 8, "interactions": 30}
+    assert set(m["families"]) == set(FAMILY_DIRS) and m["skipped"] == {}
+    assert m["families"]["sequential"]["splits"] == {"train": 6 * 2, "valid": 6, "test": 6}
+    assert m["families"]["direct"]["splits"] == {"train": 6 * 3, "valid": 6, "test": 6}
+    assert sum(m["families"]["rating"]["splits"].values()) == 30
+    assert m["explanation"]["coverage"] > 0.5
+    assert m["index"]["strategy"] == "random" and m["seed"] == 3 and m["k"] == 2
+    assert "timings" in m and len(m["fingerprint"]) == 64
+
+
+def test_load_prepared(amazon):
+    _, out = amazon
+    ds = load_prepared(out)
+    assert len(ds.interactions) == 30 and ds.catalogue == [f"B{i:03d}" for i in range(8)]
+    assert ds.family("rating") is ds.family("review")
+    seq = ds.family("sequential")
+    ui = ds.user_items()
+    for row in ds.family("direct")["test"]:
+        assert len(row["candidates"]) == 3 and row["target"] in row["candidates"]
+        assert not (set(row["candidates"]) - {row["target"]}) & ui[row["user"]]
+    for row in seq["test"]:
+        assert row["history"] + [row["target"]] == [
+            r["item"] for r in ds.interactions if r["user"] == row["user"]]  # time-ordered table
+    expl = ds.family("explanation")
+    review_split = {(r["user"], r["item"]): s for s in ("train", "valid", "test") for r in ds.family("review")[s]}
+    assert all(review_split[(r["user"], r["item"])] == s for s in expl for r in expl[s])
+    counts = ds.train_item_counts()
+    assert sum(counts.values()) == len(ds.family("direct")["train"])
+    assert all(ds.index.item_text(i) for i in ds.catalogue)
+
+
+def test_same_input_same_manifest(amazon, tmp_path):
+    src, out = amazon
+    again = prepare(src, tmp_path / "again", k=2, n_negatives=2, seed=3)
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, again))
+    a.pop("timings"), b.pop("timings")
+    assert a == b
+    other = prepare(src, tmp_path / "other", k=2, n_negatives=2, seed=4)
+    assert json.loads((other / "manifest.json").read_text())["fingerprint"] != a["fingerprint"]
+
+
+def test_p5seq_skips_families_without_data(tmp_path):
+    out = prepare(write_p5seq(tmp_path / "seq"), tmp_path / "out", fmt="p5seq", k=2, n_negatives=2,
+                  index="collaborative")
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["families"]) == {"sequential", "direct"}
+    assert set(m["skipped"]) == {"rating", "review", "explanation"}
+    assert "no ratings" in m["skipped"]["rating"] and "no review text" in m["skipped"]["review"]
+    ds = load_prepared(out)
+    assert ds.index.strategy == "collaborative"
+    with pytest.raises(KeyError, match="no review text"):
+        ds.family("review")
+
+
+def test_cli_prepare_stats_and_errors(tmp_path, capsys):
+    src = write_amazon(tmp_path / "reviews_Tiny_5.json.gz")
+    assert main(["data", "prepare", "--path", str(src), "--out", str(tmp_path / "o"), "--k", "2",
+                 "--n-negatives", "2", "--index", "sequential"]) == 0
+    assert main(["data", "stats", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "6 users, 8 items, 30 interactions" in out and "explanation" in out
+    assert main(["data", "prepare", "--path", str(tmp_path / "missing.json.gz"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.json.gz" in err and "Traceback" not in err
+    assert main(["data", "prepare", "--path", str(src), "--out", str(tmp_path / "y"), "--k", "50"]) == 2
+    assert "k=50" in capsys.readouterr().err
+    assert main(["data", "stats", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.skipif(not MI.exists(), reason="embedded Musical Instruments file not present")
+def test_musical_instruments_end_to_end(tmp_path):
+    out = prepare(MI, tmp_path / "mi")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["after"] == {"users": 1429, "items": 900, "interactions": 10261}
+    assert m["counts"]["kcore_removed"]["rows"] == 0
+    assert set(m["families"]) == set(FAMILY_DIRS)
+    assert m["families"]["sequential"]["splits"]["test"] == 1429
+    assert m["source"][0]["sha256"] == "03f9cc27ae13a454cb4ea6cb620fb10546cc1194ef921441d1c5f34addff2748"
