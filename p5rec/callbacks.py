@@ -61,9 +61,9 @@ class LearningCurveCallback(TrainerCallback):
         was_training = model.training
         for t in self._probe_templates():
             r = score_template(model, self.tokenizer, self.prepared, t, cfg, self.render_config, self._tries,
-                               self.templates.family_info(t.family).data)
+                               self.templates.family_info(t.family).data, self.templates)
             key = CURVE_METRIC.get(t.family)
-            point[t.family] = {"template": t.id, **{k: v for k, v in r.metrics.items() if k in (key, "HR@10", "MAE")}}
+            point[t.family] = {"template": t.id, **{k: v for k, v in r.metrics.items() if k in (key, "HR@10", "MAE", "RMSE_expected")}}
         point["seconds"] = round(time.time() - t0, 1)
         if was_training:
             model.train()

@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `p5rec templates list | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -96,11 +96,14 @@ def _render(template, records, prepared, render_config):
 
 
 def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render_config, tries,
-                   data_family: str | None = None) -> TemplateResult:
+                   data_family: str | None = None, templates=None) -> TemplateResult:
     """Evaluate one template on ``cfg.split``; ``tries`` caches the catalogue trie.
 
     ``data_family`` names the prepared table the template's family reads (the ranking family reads
-    ``sequential``); by default the template's own family.
+    ``sequential``); by default the template's own family. Templates whose question is sampled per case
+    (the star of "will U give k stars?", the pair of a pairwise prompt, the short list of a listwise one) are
+    scored on the rows the renderer samples for the split (``render_split``, seeded), so the model is asked
+    exactly what the protocol asks; ``templates`` (the TemplateSet) is needed for those.
     """
     from p5rec import decoding, metrics
 
@@ -109,13 +112,35 @@ def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render
     family = data_family or template.family
     item_choice = kind == "choice" and _is_item_choice(template)
     n_cases = cfg.max_candidate_cases if item_choice else cfg.max_cases
-    records = _records(prepared, family, cfg.split, n_cases, cfg.seed)
+    sampled = template.scoring in ("listwise", "pairwise") or (kind == "choice" and not item_choice)
+    records = [] if sampled else _records(prepared, family, cfg.split, n_cases, cfg.seed)
     records = _attach_candidates(prepared, family, cfg.split, records)
     desc = template.id if cfg.progress else None
     common = dict(batch_size=cfg.batch_size, max_source_length=cfg.max_source_length, desc=desc)
     invalid, examples = 0, []
 
-    if kind == "item" and template.scoring in ("candidate_ranking", "listwise"):
+    if template.scoring in ("listwise", "pairwise") or (kind == "choice" and not item_choice):
+        rows = _sampled_rows(prepared, template, cfg, render_config, templates)
+        sources, golds = rows["source"], rows["target"]
+        if template.scoring == "listwise":
+            per = [tries["catalogue"].subset(c) for c in rows["candidates"]]
+            ranked = decoding.rank_items(model, tokenizer, sources, per, k=len(rows["candidates"][0]),
+                                         num_beams=cfg.num_beams, **common)
+            result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], rows["answer"], ks=(1, 3, 5))
+        elif template.answers_item:  # pairwise, answered with the item: which of the two the decoder ranks first
+            per = [tries["catalogue"].subset(c) for c in rows["candidates"]]
+            ranked = decoding.rank_items(model, tokenizer, sources, per, k=1, num_beams=2, **common)
+            preds = [r[0][0] if r else "" for r in ranked]
+            result = {"accuracy": float(np.mean([p == a for p, a in zip(preds, rows["answer"])]))}
+        else:
+            choices = list(template.answer_choices or ["A", "B"])
+            lp = decoding.choice_logprobs(model, tokenizer, sources, choices, batch_size=cfg.batch_size,
+                                          max_source_length=cfg.max_source_length, desc=desc)
+            preds = [choices[j] for j in lp.argmax(1)]
+            result = {"accuracy": metrics.accuracy(preds, golds)}
+            examples = [{"source": s, "target": g, "output": p} for s, g, p in list(zip(sources, golds, preds))[:3]]
+        records = sources
+    elif kind == "item" and template.scoring == "candidate_ranking":
         rendered = _render(template, records, prepared, render_config)
         sources = [s for s, _ in rendered]
         per = [tries["catalogue"].subset(r["candidates"]) for r in records]
@@ -152,24 +177,6 @@ def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render
             order = np.argsort(-s, kind="stable")
             ranked.append([r["candidates"][j] for j in order])
         result = metrics.ranking_metrics(ranked, [r["target"] for r in records])
-    elif kind == "pairwise":
-        rendered = _render(template, records, prepared, render_config)
-        sources = [s for s, _ in rendered]
-        golds = [t for _, t in rendered]
-        choices = list(template.answer_choices or ["A", "B"])
-        lp = decoding.choice_logprobs(model, tokenizer, sources, choices, batch_size=cfg.batch_size,
-                                      max_source_length=cfg.max_source_length, desc=desc)
-        preds = [choices[j] for j in lp.argmax(1)]
-        result = {"accuracy": metrics.accuracy(preds, golds)}
-    elif kind == "choice":
-        rendered = _render(template, records, prepared, render_config)
-        sources, golds = [s for s, _ in rendered], [t for _, t in rendered]
-        choices = list(template.answer_choices)
-        lp = decoding.choice_logprobs(model, tokenizer, sources, choices, batch_size=cfg.batch_size,
-                                      max_source_length=cfg.max_source_length, desc=desc)
-        preds = [choices[j] for j in lp.argmax(1)]
-        result = {"accuracy": metrics.accuracy(preds, golds)}
-        examples = [{"source": s, "target": g, "output": p} for s, g, p in list(zip(sources, golds, preds))[:3]]
     else:
         rendered = _render(template, records, prepared, render_config)
         sources, golds = [s for s, _ in rendered], [t for _, t in rendered]
@@ -179,6 +186,15 @@ def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render
             fallback = _train_mean_rating(prepared)
             result = metrics.rating_metrics(outputs, [float(g) for g in golds], fallback=fallback)
             invalid = int(result.get("invalid", 0))
+            # Beside P5's greedy protocol: the expected star under the model's distribution over "1".."5",
+            # the point estimate that minimises squared error (greedy returns the mode).
+            stars = ["1", "2", "3", "4", "5"]
+            lp = decoding.choice_logprobs(model, tokenizer, sources, stars, batch_size=cfg.batch_size,
+                                          max_source_length=cfg.max_source_length)
+            p = np.exp(lp - lp.max(1, keepdims=True))
+            expected = (p / p.sum(1, keepdims=True)) @ np.arange(1, 6)
+            exp_m = metrics.rating_metrics(expected.tolist(), [float(g) for g in golds], fallback=fallback)
+            result["RMSE_expected"], result["MAE_expected"] = exp_m["RMSE"], exp_m["MAE"]
         else:
             orders = (2,) if family == "review" else (4,)
             result = metrics.text_metrics(outputs, golds, bleu_orders=orders)
@@ -188,6 +204,22 @@ def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render
         metrics={k: float(v) for k, v in result.items()}, n=len(records), invalid=invalid,
         seconds=round(time.time() - t0, 2), examples=examples,
     )
+
+
+def _sampled_rows(prepared, template, cfg: EvalConfig, render_config, templates) -> dict:
+    """The renderer's own rows for ``template`` on the split (seeded), capped at ``cfg.max_cases``."""
+    from dataclasses import replace
+
+    from p5rec.templates import render_split
+
+    if templates is None:
+        raise ValueError(f"template {template.id} needs the TemplateSet to sample its questions")
+    config = replace(render_config, template_ids=[template.id], include_unseen=True, seed=cfg.seed)
+    ds = render_split(prepared, template.family, cfg.split, config, templates)
+    if cfg.max_cases and len(ds) > cfg.max_cases:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(ds), size=cfg.max_cases, replace=False))
+        ds = ds.select(idx.tolist())
+    return ds.select_columns(["source", "target", "answer", "candidates"])[:]
 
 
 def _is_item_choice(template) -> bool:
@@ -215,17 +247,39 @@ def build_catalogue_trie(prepared, tokenizer, id_form: str):
     return ItemTrie.from_surfaces(tokenizer, {raw: index.item_text(raw, id_form) for raw in index.items})
 
 
+def protocol(r) -> str:
+    """The protocol a template result was scored under; means are only taken within one protocol."""
+    kind, scoring = (r.kind, r.scoring) if isinstance(r, TemplateResult) else (r["kind"], r["scoring"])
+    if kind == "item":
+        return "candidates" if scoring in ("candidate_ranking", "listwise") else "full ranking"
+    if kind == "choice":
+        return "yes/no over candidates" if _metric_keys(r) & {"HR@10"} else "choice accuracy"
+    return {"pairwise": "pairwise", "rating": "rating", "text": "text"}[kind]
+
+
+def _metric_keys(r) -> set[str]:
+    return set(r.metrics if isinstance(r, TemplateResult) else r["metrics"])
+
+
 def aggregate(results: list[TemplateResult]) -> dict:
-    """Per family: mean of each metric over seen and over unseen templates (same-kind templates only)."""
+    """Per family and protocol: the mean of each metric over seen and over unseen templates."""
     out: dict[str, dict] = {}
-    for fam in sorted({r.family for r in results}):
-        fam_out = {}
-        for group, flag in (("seen", True), ("unseen", False)):
-            rs = [r for r in results if r.family == fam and r.seen == flag]
-            keys = sorted({k for r in rs for k in r.metrics if k not in ("n", "invalid")})
-            fam_out[group] = {k: float(np.mean([r.metrics[k] for r in rs if k in r.metrics])) for k in keys}
-        out[fam] = fam_out
+    for r in results:
+        out.setdefault(r.family, {}).setdefault(protocol(r), {"seen": [], "unseen": []})[
+            "seen" if r.seen else "unseen"].append(r)
+    for fam, protos in out.items():
+        for proto, groups in protos.items():
+            for group, rs in groups.items():
+                keys = sorted({k for x in rs for k in x.metrics if k not in ("n", "invalid")})
+                groups[group] = {k: float(np.mean([x.metrics[k] for x in rs if k in x.metrics])) for k in keys}
     return out
+
+
+# Which baseline goes beside which protocol in the headline table.
+BASELINE_FOR = {("sequential", "full ranking"): "popularity", ("direct", "candidates"): "popularity",
+                ("direct", "yes/no over candidates"): "popularity", ("rating", "rating"): "biased MF",
+                ("explanation", "text"): "nearest training explanation",
+                ("review", "text"): "summary of nearest training review"}
 
 
 def run_baselines(prepared, cfg: EvalConfig) -> dict:
@@ -311,7 +365,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
     results = []
     started = time.time()
     for t in chosen:
-        r = score_template(model, tokenizer, prepared, t, cfg, render_config, tries, data_of[t.family])
+        r = score_template(model, tokenizer, prepared, t, cfg, render_config, tries, data_of[t.family], templates)
         logger.info("%-6s %-11s %-7s n=%-5d %s (%.1fs)", r.template, r.family, "seen" if r.seen else "unseen",
                     r.n, _fmt(r.metrics), r.seconds)
         results.append(r)
@@ -344,9 +398,9 @@ HEADLINE = {
     "sequential": ["HR@5", "NDCG@5", "HR@10", "NDCG@10"],
     "direct": ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"],
     "ranking": ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "accuracy"],
-    "rating": ["RMSE", "MAE", "invalid", "accuracy"],
+    "rating": ["RMSE", "MAE", "RMSE_expected", "MAE_expected", "invalid", "accuracy"],
     "explanation": ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"],
-    "review": ["BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L", "RMSE", "MAE"],
+    "review": ["BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L", "RMSE", "MAE", "RMSE_expected"],
 }
 
 
@@ -354,6 +408,18 @@ def results_markdown(report: dict) -> str:
     lines = [f"# Results on the {report['split']} split", ""]
     lines.append(f"Run: `{report['run']}` — model {report['model']['preset']} "
                  f"({report['model']['parameters'] / 1e6:.2f} M parameters), ids `{report['decoding']['id_form']}`.")
+    lines += ["", "## Headline: mean over templates, seen and unseen, beside the baseline", "",
+              "| family | protocol | metric | seen | unseen | baseline |", "|---|---|---|---|---|---|"]
+    for fam, protos in report["families"].items():
+        for proto, groups in protos.items():
+            metric = _headline_metric(fam, proto, groups)
+            if metric is None:
+                continue
+            base_name = BASELINE_FOR.get((fam, proto))
+            base = report["baselines"].get(fam, {}).get(base_name or "", {})
+            base_cell = f"{_cell(base.get(metric))} ({base_name})" if metric in base else "–"
+            lines.append(f"| {fam} | {proto} | {metric} | {_cell(groups['seen'].get(metric))} | "
+                         f"{_cell(groups['unseen'].get(metric))} | {base_cell} |")
     lines.append("")
     by_family: dict[str, list[dict]] = {}
     for r in report["templates"].values():
@@ -362,20 +428,29 @@ def results_markdown(report: dict) -> str:
         keys = [k for k in HEADLINE.get(fam, []) if any(k in r["metrics"] for r in rows)]
         base = report["baselines"].get(fam, {})
         keys += [k for k in sorted({k for b in base.values() for k in b}) if k in HEADLINE.get(fam, []) and k not in keys]
-        lines += [f"## {fam}", "", "| template | seen | n | " + " | ".join(keys) + " |",
-                  "|---|---|---|" + "---|" * len(keys)]
+        lines += [f"## {fam}", "", "| template | protocol | seen | n | " + " | ".join(keys) + " |",
+                  "|---|---|---|---|" + "---|" * len(keys)]
         for r in rows:
             vals = [_cell(r["metrics"].get(k)) for k in keys]
-            lines.append(f"| {r['template']} ({r['scoring']}) | {'seen' if r['seen'] else '**unseen**'} | {r['n']} | "
-                         + " | ".join(vals) + " |")
-        agg = report["families"].get(fam, {})
-        for group in ("seen", "unseen"):
-            if agg.get(group):
-                lines.append(f"| *mean {group}* | | | " + " | ".join(_cell(agg[group].get(k)) for k in keys) + " |")
+            lines.append(f"| {r['template']} ({r['scoring']}) | {protocol(r)} | "
+                         f"{'seen' if r['seen'] else '**unseen**'} | {r['n']} | " + " | ".join(vals) + " |")
+        for proto, groups in report["families"].get(fam, {}).items():
+            for group in ("seen", "unseen"):
+                if groups.get(group):
+                    lines.append(f"| *mean {group}* | {proto} | | | "
+                                 + " | ".join(_cell(groups[group].get(k)) for k in keys) + " |")
         for name, m in base.items():
-            lines.append(f"| baseline: {name} | | {m.get('n', '')} | " + " | ".join(_cell(m.get(k)) for k in keys) + " |")
+            lines.append(f"| baseline: {name} | | | {m.get('n', '')} | " + " | ".join(_cell(m.get(k)) for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _headline_metric(fam: str, proto: str, groups: dict) -> str | None:
+    have = set(groups.get("seen", {})) | set(groups.get("unseen", {}))
+    for m in ("NDCG@10", "RMSE", "ROUGE-L", "accuracy"):
+        if m in have:
+            return m
+    return None
 
 
 def _cell(v) -> str:

@@ -414,7 +414,7 @@ def _errors():
     from p5rec.hub import ChecksumError
     from p5rec.readers import DataFormatError
 
-    return (DataFormatError, PreprocessError, FileNotFoundError, FileExistsError, ChecksumError, KeyError)
+    return (DataFormatError, PreprocessError, FileNotFoundError, FileExistsError, ChecksumError, KeyError, ValueError)
 
 
 def _fail(exc: Exception) -> int:

@@ -158,7 +158,7 @@ def sample_negatives(
     short = np.nonzero(n_cat - touched < n)[0]
     if len(short):
         raise ValueError(
-            f"user {users[short[0]]!r} has only {n_cat - touched[short[0]]} untouched items, need {n} negatives"
+            f"user {users[short[0]]!r} has only {n_cat - touched[short[0]]} untouched items, need {n} negatives (lower --n-negatives for a small catalogue)"
         )
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_cat, size=(len(users), n), dtype=np.int64)

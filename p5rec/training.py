@@ -70,6 +70,9 @@ class DataArguments:
     test_max_cases: int = field(
         default=0, metadata={"help": "cap test cases per template in the final evaluation (0: all)"}
     )
+    test_max_candidate_cases: int = field(
+        default=200, metadata={"help": "users for yes/no-per-candidate templates (each costs 100 prompts; 0: all)"}
+    )
     skip_test: bool = field(default=False, metadata={"help": "train only; evaluate later with `p5rec evaluate`"})
 
     def __post_init__(self):
@@ -92,7 +95,7 @@ class DataArguments:
 # Main-job defaults for Seq2SeqTrainingArguments; any flag on the command line overrides them.
 TRAINING_DEFAULTS = dict(
     output_dir="",
-    max_steps=2400,
+    max_steps=1100,
     per_device_train_batch_size=64,
     per_device_eval_batch_size=128,
     learning_rate=3e-3,
@@ -101,13 +104,14 @@ TRAINING_DEFAULTS = dict(
     weight_decay=0.01,
     logging_steps=50,
     eval_strategy="steps",
-    eval_steps=400,
+    eval_steps=275,
     save_strategy="steps",
-    save_steps=400,
+    save_steps=550,
     save_total_limit=2,
     seed=42,
     report_to="none",
     dataloader_num_workers=0,
+    dataloader_pin_memory=False,
     train_sampling_strategy="group_by_length",
     disable_tqdm=False,
 )
@@ -226,7 +230,13 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
 
         evaluate_run(
             run_dir,
-            EvalConfig(max_cases=dargs.test_max_cases, batch_size=targs.per_device_eval_batch_size),
+            EvalConfig(
+                max_cases=dargs.test_max_cases,
+                max_candidate_cases=dargs.test_max_candidate_cases,
+                batch_size=targs.per_device_eval_batch_size,
+                max_source_length=dargs.max_source_length,
+                seed=targs.seed,
+            ),
             model=model,
             tokenizer=tokenizer,
             prepared=prepared,

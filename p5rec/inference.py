@@ -1,0 +1,363 @@
+"""Per-task inference over a trained run: raw ids in, raw ids out.
+
+    >>> rec = P5Rec.from_pretrained("runs/2026...-mini-random")
+    >>> rec.recommend(history=["B0002E1G5C", "B0002GXF8Q"], user="A2IBPI20UZIR0U", k=5)
+    [Prediction(item='B003VWJ2K8', score=-2.1), ...]
+
+Each task method renders its request with a template of the run (a sensible seen template by default; any id of
+that family may be named), decodes with the same restricted decoding as evaluation — so a recommended item is
+always a catalogue item, never repeated — and returns plain Python values.
+
+Cold start: a user id the run never saw cannot be written as a user token. ``recommend`` and ``rank`` then fall
+back to a template that names the user by ``user_name`` and pass a generic name, so the answer rests on the given
+history alone; ``predict_rating``/``explain`` need a known user and raise :class:`UnknownIdError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+COLD_START_NAME = "a new customer"
+DEFAULTS = {
+    "recommend": ("2-1", "2-5"),  # (known user, cold-start user)
+    "rank": ("2-7", "2-8"),
+    "rank_direct": ("5-5", "5-6"),
+    "rating": "1-1",
+    "explain": "3-1",
+    "explain_feature": "3-9",
+    "summarize": "4-1",
+    "rate_review": "4-2",
+}
+
+
+class UnknownIdError(KeyError):
+    """A raw user or item id that the run's index does not know."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0])
+
+
+@dataclass
+class Prediction:
+    item: str
+    score: float
+
+
+class P5Rec:
+    """A trained p5rec run, ready to answer requests for every task family."""
+
+    def __init__(self, model, tokenizer, index, templates, render_config, max_source_length: int = 128):
+        from p5rec.decoding import ItemTrie
+
+        self.model, self.tokenizer, self.index = model, tokenizer, index
+        self.templates, self.render_config = templates, render_config
+        self.max_source_length = max_source_length
+        surfaces = {raw: index.item_text(raw, render_config.id_form) for raw in index.items}
+        self.trie = ItemTrie.from_surfaces(tokenizer, surfaces)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str | None = None) -> "P5Rec":
+        """Load a run directory written by ``train.py`` (model, tokenizer, index.json, run_config.json)."""
+        import torch
+        from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+        from p5rec.indexing import Index
+        from p5rec.templates import RenderConfig, load_templates
+
+        run_dir = Path(run_dir)
+        for name in ("run_config.json", "index.json", "config.json"):
+            if not (run_dir / name).exists():
+                raise FileNotFoundError(f"{run_dir}: missing {name}; expected a run directory written by train.py")
+        config = json.loads((run_dir / "run_config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+        model = T5ForConditionalGeneration.from_pretrained(str(run_dir))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
+        extra = config.get("data", {}).get("template_files")
+        templates = load_templates(paths=[Path(p) for p in extra.split(",")] if extra else None)
+        render_config = RenderConfig(**config["render"])
+        max_len = config.get("data", {}).get("max_source_length", 128)
+        return cls(model, tokenizer, Index.from_json(run_dir / "index.json"), templates, render_config, max_len)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_items(self, items: Sequence[str], where: str = "") -> None:
+        for i in items:
+            if i not in self.index.items:
+                raise UnknownIdError(
+                    f"unknown item {i!r}{' (' + where + ')' if where else ''}: "
+                    f"not in this run's catalogue ({len(self.index.items)} items)"
+                )
+
+    def known_user(self, user: str | None) -> bool:
+        return bool(user) and user in self.index.users
+
+    def _need_user(self, user: str) -> None:
+        if not self.known_user(user):
+            raise UnknownIdError(
+                f"unknown user {user!r}: not among this run's {len(self.index.users)} users "
+                "(rating and explanation prompts need a known user; recommend/rank accept new users)"
+            )
+
+    def _template(self, template_id: str, family: str):
+        t = self.templates.get(template_id)
+        if t.family != family and not (family == "sequential" and t.family == "direct"):
+            raise ValueError(f"template {template_id} belongs to family {t.family!r}, not {family!r}")
+        return t
+
+    def _sources(self, template, records: list[dict]) -> list[str]:
+        from p5rec.templates import render_records
+
+        return [s for s, _ in render_records(template, records, self.index, self.render_config)]
+
+    def _user_fields(self, user: str | None, user_name: str | None) -> dict:
+        if self.known_user(user):
+            return {"user": user, "user_name": user_name or ""}
+        return {"user": "", "user_name": user_name or COLD_START_NAME}
+
+    # ------------------------------------------------------------------ tasks
+    def recommend_batch(self, requests: list[dict], k: int = 10, template: str | None = None,
+                        exclude_history: bool = True) -> list[list[Prediction]]:
+        """Next items for each ``{"history": [...], "user": ...}``; restricted to the catalogue."""
+        from p5rec.decoding import rank_items
+
+        groups: dict[str, list[int]] = {}
+        for n, r in enumerate(requests):
+            self._check_items(r.get("history", []), "in the history")
+            tid = template or DEFAULTS["recommend"][0 if self.known_user(r.get("user")) else 1]
+            groups.setdefault(tid, []).append(n)
+        out: list[list[Prediction]] = [[] for _ in requests]
+        for tid, idx in groups.items():
+            t = self._template(tid, "sequential")
+            recs = [dict(self._user_fields(requests[i].get("user"), requests[i].get("user_name")),
+                         history=list(requests[i].get("history", []))) for i in idx]
+            if "user" in t.variables and any(not r["user"] for r in recs):
+                raise UnknownIdError(f"template {tid} needs a known user id; use a user_name template for new users")
+            exclude = [r["history"] for r in recs] if exclude_history else None
+            ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), self.trie, k=k,
+                                exclude=exclude, max_source_length=self.max_source_length)
+            for i, r in zip(idx, ranked):
+                out[i] = [Prediction(item, score) for item, score in r]
+        return out
+
+    def recommend(self, history: Sequence[str], user: str | None = None, k: int = 10, template: str | None = None,
+                  exclude_history: bool = True, user_name: str | None = None) -> list[Prediction]:
+        return self.recommend_batch([{"history": list(history), "user": user, "user_name": user_name}], k,
+                                    template, exclude_history)[0]
+
+    def rank(self, candidates: Sequence[str], user: str | None = None, history: Sequence[str] | None = None,
+             template: str | None = None, user_name: str | None = None) -> list[Prediction]:
+        """Order given candidates (sequential candidate template with a history, direct template without)."""
+        from p5rec.decoding import rank_items
+
+        self._check_items(candidates, "a candidate")
+        self._check_items(history or [], "in the history")
+        key = "rank" if history else "rank_direct"
+        tid = template or DEFAULTS[key][0 if self.known_user(user) else 1]
+        t = self._template(tid, "sequential" if history else "direct")
+        rec = dict(self._user_fields(user, user_name), history=list(history or []), candidates=list(candidates))
+        ranked = rank_items(self.model, self.tokenizer, self._sources(t, [rec]), [self.trie.subset(candidates)],
+                            k=len(candidates), max_source_length=self.max_source_length)[0]
+        return [Prediction(item, score) for item, score in ranked]
+
+    def predict_rating(self, user: str, item: str, template: str | None = None) -> dict:
+        """{"rating": float clipped to [1, 5] or None, "text": raw output}."""
+        from p5rec.decoding import generate_text
+        from p5rec.metrics import parse_rating
+
+        self._need_user(user)
+        self._check_items([item])
+        t = self._template(template or DEFAULTS["rating"], "rating")
+        text = generate_text(self.model, self.tokenizer, self._sources(t, [{"user": user, "item": item}]),
+                             max_new_tokens=6, max_source_length=self.max_source_length)[0]
+        value = parse_rating(text)
+        return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
+
+    def explain(self, user: str, item: str, feature: str | None = None, rating: float | None = None,
+                template: str | None = None, num_beams: int = 1) -> str:
+        from p5rec.decoding import generate_text
+
+        self._need_user(user)
+        self._check_items([item])
+        tid = template or DEFAULTS["explain_feature" if feature else "explain"]
+        t = self._template(tid, "explanation")
+        rec = {"user": user, "item": item, "feature": feature or "", "rating": rating}
+        if "rating" in t.variables - t.target_variables and rating is None:
+            raise ValueError(f"template {tid} shows the star rating: pass rating=")
+        return generate_text(self.model, self.tokenizer, self._sources(t, [rec]), num_beams=num_beams,
+                             max_source_length=self.max_source_length)[0]
+
+    def summarize(self, review: str, user: str | None = None, template: str | None = None) -> str:
+        from p5rec.decoding import generate_text
+
+        t = self._template(template or DEFAULTS["summarize"], "review")
+        rec = dict(self._user_fields(user, None), review=review)
+        if "user" in t.variables and not rec["user"]:
+            rec["user_name"] = COLD_START_NAME
+            t = self._template("4-3", "review")
+        return generate_text(self.model, self.tokenizer, self._sources(t, [rec]),
+                             max_source_length=self.max_source_length)[0]
+
+    def rate_review(self, review: str, user: str | None = None, template: str | None = None) -> dict:
+        from p5rec.decoding import generate_text
+        from p5rec.metrics import parse_rating
+
+        t = self._template(template or DEFAULTS["rate_review"], "review")
+        rec = dict(self._user_fields(user, None), review=review)
+        if "user" in t.variables and not rec["user"]:
+            rec["user_name"] = COLD_START_NAME
+            t = self._template("4-4", "review")
+        text = generate_text(self.model, self.tokenizer, self._sources(t, [rec]), max_new_tokens=6,
+                             max_source_length=self.max_source_length)[0]
+        value = parse_rating(text)
+        return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
+
+    # ------------------------------------------------------------------ one request dict (CLI / JSONL)
+    def answer(self, request: dict) -> dict:
+        """Answer one request ``{"task": ..., ...}``; the result is JSON-serialisable."""
+        task = request.get("task")
+        t0 = time.perf_counter()
+        if task == "sequential":
+            preds = self.recommend(request.get("history", []), request.get("user"), int(request.get("k", 10)),
+                                   request.get("template"), bool(request.get("exclude_history", True)))
+            result = {"items": [asdict(p) for p in preds]}
+        elif task in ("direct", "rank"):
+            preds = self.rank(request["candidates"], request.get("user"), request.get("history"),
+                              request.get("template"))
+            result = {"items": [asdict(p) for p in preds]}
+        elif task == "rating":
+            result = self.predict_rating(request["user"], request["item"], request.get("template"))
+        elif task == "explanation":
+            result = {"explanation": self.explain(request["user"], request["item"], request.get("feature"),
+                                                  request.get("rating"), request.get("template"))}
+        elif task == "review":
+            result = {"summary": self.summarize(request["review"], request.get("user"), request.get("template"))}
+        elif task == "review_rating":
+            result = self.rate_review(request["review"], request.get("user"), request.get("template"))
+        else:
+            raise ValueError(f"unknown task {task!r}; expected sequential, direct, rating, explanation, review, "
+                             "review_rating")
+        result["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        return result
+
+
+# ---------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="answer requests with a trained run (raw ids in, raw ids out)")
+    p.add_argument("--run", required=True, type=Path, help="run directory written by train.py")
+    p.add_argument("--task", choices=["sequential", "direct", "rating", "explanation", "review", "review_rating"])
+    p.add_argument("--user", help="raw user id (reviewer id)")
+    p.add_argument("--item", help="raw item id (ASIN)")
+    p.add_argument("--history", help="comma-separated raw item ids, oldest first")
+    p.add_argument("--candidates", help="comma-separated raw item ids to rank")
+    p.add_argument("--review", help="review text (review, review_rating tasks)")
+    p.add_argument("--feature", help="feature word hint (explanation task)")
+    p.add_argument("--rating", type=float, help="star rating shown by some explanation templates")
+    p.add_argument("-k", type=int, default=10, help="items to recommend")
+    p.add_argument("--template", help="template id (default: a seen template of the task)")
+    p.add_argument("--keep-history", action="store_true", help="allow recommending items of the history")
+    p.add_argument("--input", type=Path, help="JSON lines of requests ({'task': ..., ...}); batched")
+    p.add_argument("--output", type=Path, help="write answers as JSON lines here (with --input)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(func=_cli)
+
+
+def _request_from_args(args) -> dict:
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []  # noqa: E731
+    req = {"task": args.task, "user": args.user, "item": args.item, "history": split(args.history),
+           "candidates": split(args.candidates), "review": args.review, "feature": args.feature,
+           "rating": args.rating, "k": args.k, "template": args.template,
+           "exclude_history": not args.keep_history}
+    return {k: v for k, v in req.items() if v not in (None, [], "")}
+
+
+def _cli(args) -> int:
+    try:
+        rec = P5Rec.from_pretrained(args.run)
+    except FileNotFoundError as exc:
+        print(f"p5rec predict: {exc}", file=sys.stderr)
+        return 2
+    if args.input:
+        return _batch(rec, args)
+    if not args.task:
+        print("p5rec predict: give --task (or --input requests.jsonl)", file=sys.stderr)
+        return 2
+    try:
+        result = rec.answer(_request_from_args(args))
+    except (UnknownIdError, ValueError, KeyError) as exc:
+        print(f"p5rec predict: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(result)
+    return 0
+
+
+def _batch(rec: P5Rec, args) -> int:
+    from tqdm.auto import tqdm
+
+    lines = args.input.read_text().splitlines()
+    requests = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                requests.append((n, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                print(f"p5rec predict: {args.input} line {n}: not JSON ({exc.msg})", file=sys.stderr)
+                return 2
+    answers: list[dict] = []
+    t0 = time.perf_counter()
+    # Sequential requests are decoded in batches; the others one by one (they are cheap).
+    seq = [(n, r) for n, r in requests if r.get("task") == "sequential"]
+    by_line: dict[int, dict] = {}
+    for start in tqdm(range(0, len(seq), 64), desc="sequential", disable=None):
+        chunk = seq[start : start + 64]
+        k = max(int(r.get("k", 10)) for _, r in chunk)
+        try:
+            preds = rec.recommend_batch(chunk and [r for _, r in chunk], k=k)
+        except (UnknownIdError, ValueError) as exc:
+            preds = None
+            for n, r in chunk:  # fall back to one by one, so one bad request does not sink the batch
+                by_line[n] = _safe(rec, r)
+        if preds is not None:
+            for (n, r), p in zip(chunk, preds):
+                by_line[n] = {"items": [asdict(x) for x in p[: int(r.get("k", 10))]]}
+    for n, r in tqdm([x for x in requests if x[1].get("task") != "sequential"], desc="requests", disable=None):
+        by_line[n] = _safe(rec, r)
+    for n, r in requests:
+        answers.append({"line": n, "request": r, **by_line[n]})
+    seconds = time.perf_counter() - t0
+    out = "\n".join(json.dumps(a) for a in answers) + "\n"
+    if args.output:
+        args.output.write_text(out)
+        print(f"{len(answers)} answers -> {args.output} ({len(answers) / max(seconds, 1e-9):.1f} requests/s)",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def _safe(rec: P5Rec, request: dict) -> dict:
+    try:
+        return rec.answer(request)
+    except (UnknownIdError, ValueError, KeyError) as exc:
+        return {"error": str(exc)}
+
+
+def _print_human(result: dict) -> None:
+    if "items" in result:
+        for rank, p in enumerate(result["items"], 1):
+            print(f"{rank:3d}. {p['item']}  (log p = {p['score']:.3f})")
+    else:
+        for k, v in result.items():
+            if k != "latency_ms":
+                print(f"{k}: {v}")
+    print(f"({result['latency_ms']} ms)")
