@@ -58,9 +58,15 @@ class DataArguments:
         default="sequential,direct,rating,explanation,review", metadata={"help": "comma-separated task families"}
     )
     renders: str = field(
-        default="sequential=6,direct=3,rating=1,explanation=1,review=1",
+        default="sequential=6,direct=3,rating=3,explanation=1,review=1",
         metadata={"help": "prompts rendered per training record, per family"},
     )
+    candidate_template_weight: float = field(
+        default=0.3,
+        metadata={"help": "sampling weight of templates that list 100 candidates (~4x the tokens of the others; "
+                  "restricted decoding already confines their answers to the candidates)"},
+    )
+    max_review_words: int = field(default=32, metadata={"help": "review words shown in review prompts"})
     max_history: int = field(default=20, metadata={"help": "most recent items shown in a history"})
     max_source_length: int = field(default=128, metadata={"help": "prompt tokens kept"})
     max_target_length: int = field(default=32, metadata={"help": "target tokens kept"})
@@ -95,7 +101,7 @@ class DataArguments:
 # Main-job defaults for Seq2SeqTrainingArguments; any flag on the command line overrides them.
 TRAINING_DEFAULTS = dict(
     output_dir="",
-    max_steps=1100,
+    max_steps=1800,
     per_device_train_batch_size=64,
     per_device_eval_batch_size=128,
     learning_rate=3e-3,
@@ -104,9 +110,9 @@ TRAINING_DEFAULTS = dict(
     weight_decay=0.01,
     logging_steps=50,
     eval_strategy="steps",
-    eval_steps=275,
+    eval_steps=450,
     save_strategy="steps",
-    save_steps=550,
+    save_steps=900,
     save_total_limit=2,
     seed=42,
     report_to="none",
@@ -174,7 +180,14 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     extra = [Path(p) for p in dargs.template_files.split(",")] if dargs.template_files else None
     templates = load_templates(paths=extra)
     render_config = RenderConfig(
-        seed=targs.seed, id_form=margs.id_form, max_history=dargs.max_history, renders=dargs.render_counts()
+        seed=targs.seed,
+        id_form=margs.id_form,
+        max_history=dargs.max_history,
+        renders=dargs.render_counts(),
+        max_review_words=dargs.max_review_words,
+        template_weights={
+            t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"
+        },
     )
     spec = MixtureSpec(
         families=dargs.family_list(),
