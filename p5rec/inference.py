@@ -194,27 +194,27 @@ class P5Rec:
         return generate_text(self.model, self.tokenizer, self._sources(t, [rec]), num_beams=num_beams,
                              max_source_length=self.max_source_length)[0]
 
+    def _review_source(self, review: str, user: str | None, template: str | None, default: str, cold: str) -> str:
+        """The review prompt; a user the run does not know is named generically through template ``cold``."""
+        t = self._template(template or default, "review")
+        rec = dict(self._user_fields(user, None), review=review)
+        if "user" in t.variables and not rec["user"]:
+            t = self._template(cold, "review")
+        return self._sources(t, [rec])[0]
+
     def summarize(self, review: str, user: str | None = None, template: str | None = None) -> str:
         from p5rec.decoding import generate_text
 
-        t = self._template(template or DEFAULTS["summarize"], "review")
-        rec = dict(self._user_fields(user, None), review=review)
-        if "user" in t.variables and not rec["user"]:
-            rec["user_name"] = COLD_START_NAME
-            t = self._template("4-3", "review")
-        return generate_text(self.model, self.tokenizer, self._sources(t, [rec]),
-                             max_source_length=self.max_source_length)[0]
+        source = self._review_source(review, user, template, DEFAULTS["summarize"], "4-3")
+        return generate_text(self.model, self.tokenizer, [source], max_source_length=self.max_source_length)[0]
 
     def rate_review(self, review: str, user: str | None = None, template: str | None = None) -> dict:
+        """Star rating read from a review; a new user goes through 4-4 (the unseen user-name variant)."""
         from p5rec.decoding import generate_text
         from p5rec.metrics import parse_rating
 
-        t = self._template(template or DEFAULTS["rate_review"], "review")
-        rec = dict(self._user_fields(user, None), review=review)
-        if "user" in t.variables and not rec["user"]:
-            rec["user_name"] = COLD_START_NAME
-            t = self._template("4-4", "review")
-        text = generate_text(self.model, self.tokenizer, self._sources(t, [rec]), max_new_tokens=6,
+        source = self._review_source(review, user, template, DEFAULTS["rate_review"], "4-4")
+        text = generate_text(self.model, self.tokenizer, [source], max_new_tokens=6,
                              max_source_length=self.max_source_length)[0]
         value = parse_rating(text)
         return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}

@@ -118,3 +118,37 @@ def test_predict_api_and_cli_agree(run_dir, capsys):
     assert [p["score"] for p in out["items"]] == pytest.approx([p.score for p in recs], abs=1e-5)
     assert cli(["predict", "--run", str(run_dir), "--task", "rating", "--user", "NOBODY", "--item", items[0]]) == 2
     assert "unknown user 'NOBODY'" in capsys.readouterr().err
+    # every task answers through the CLI as it does through the API (greedy and restricted decoding: deterministic)
+    review = "Great strings, bright tone and they stay in tune."
+    cases = [
+        (["--task", "direct", "--user", users[0], "--candidates", ",".join(items[5:15])],
+         lambda o: [p["item"] for p in o["items"]] == [p.item for p in rec.rank(items[5:15], user=users[0])]),
+        (["--task", "rating", "--user", users[0], "--item", items[0]],
+         lambda o: o["rating"] == rec.predict_rating(users[0], items[0])["rating"]),
+        (["--task", "explanation", "--user", users[0], "--item", items[0], "--feature", "sound"],
+         lambda o: o["explanation"] == rec.explain(users[0], items[0], feature="sound")),
+        (["--task", "review", "--review", review], lambda o: o["summary"] == rec.summarize(review)),
+        (["--task", "review_rating", "--review", review], lambda o: o["rating"] == rec.rate_review(review)["rating"]),
+    ]
+    for flags, same in cases:
+        assert cli(["predict", "--run", str(run_dir), "--json", *flags]) == 0
+        assert same(json.loads(capsys.readouterr().out)), flags
+
+
+def test_predict_batch_file(run_dir, tmp_path):
+    from p5rec.cli import main as cli
+
+    index = json.loads((run_dir / "index.json").read_text())
+    users, items = sorted(index["users"]), sorted(index["items"])
+    reqs = tmp_path / "requests.jsonl"
+    lines = [{"task": "sequential", "user": users[i], "history": items[i : i + 3], "k": 3} for i in range(5)]
+    lines.append({"task": "sequential", "user": users[0], "history": ["NOPE"]})
+    lines.append({"task": "rating", "user": users[1], "item": items[1]})
+    reqs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert cli(["predict", "--run", str(run_dir), "--input", str(reqs), "--output", str(out)]) == 0
+    answers = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [a["line"] for a in answers] == list(range(1, 8))
+    assert all(len(a["items"]) == 3 for a in answers[:5])
+    assert "unknown item 'NOPE'" in answers[5]["error"]
+    assert "rating" in answers[6]
