@@ -1,0 +1,113 @@
+"""Beauty sequential benchmark: p5rec (random / collaborative / P5's sequential ids) vs SASRec vs popularity.
+
+    python bench/beauty.py --budget cpu      # the 2-core CPU configuration (< 2 h in all)
+    python bench/beauty.py --budget gpu      # the full configuration, for a GPU
+
+Same leave-one-out split for every model (P5's own Beauty sequences, last item test, second-last validation),
+full-catalogue ranking over all 12,101 items, all 22,363 test users, HR@5/10 and NDCG@5/10. Each step writes
+its JSON under ``bench/results/beauty-<budget>/`` and is skipped when that file exists, so an interrupted run
+resumes where it stopped. The table is rebuilt from the JSON files at the end (``--table-only`` rebuilds it alone).
+
+What the CPU budget gives up: the ``mini`` preset, about 35 minutes of training per id strategy (well under one
+pass over P5's prompt mixture), SASRec with a capped number of epochs, and only the sequential + direct families.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEAUTY = ROOT.parent / "shared" / "data" / "p5-sequential" / "beauty"
+logger = logging.getLogger("bench.beauty")
+
+# id strategy name -> (prepare --index, train --id_form)
+STRATEGIES = {"random": ("random", "token"), "collaborative": ("collaborative", "token"),
+              "p5-sequential": ("sequential", "text")}
+BUDGETS = {
+    "cpu": {"preset": "mini", "max_steps": 7000, "batch": 64, "sasrec_epochs": 30, "extra": []},
+    "gpu": {"preset": "small", "max_steps": 60000, "batch": 128, "sasrec_epochs": 200, "extra": ["--bf16", "true"]},
+}
+PUBLISHED = {  # HR@5, NDCG@5, HR@10, NDCG@10 on these sequences
+    "SASRec (tuned, later work)": (.0469, .0305, .0688, .0375),
+    "TIGER": (.0454, .0321, .0648, .0384),
+    "P5 + collaborative ids (Hua et al. 2023)": (.0512, .0356, .0732, .0427),
+    "P5-base as published (leaky sequential ids)": (.0508, .0379, .0664, .0429),
+}
+KEYS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10")
+
+
+def run(cmd: list[str]) -> None:
+    logger.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--data", type=Path, default=BEAUTY)
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    b = BUDGETS[args.budget]
+    out = ROOT / "bench" / "results" / f"beauty-{args.budget}"
+    out.mkdir(parents=True, exist_ok=True)
+    work = ROOT / "runs" / f"beauty-{args.budget}"
+    py = sys.executable
+    if not args.table_only:
+        for name in args.strategies.split(","):
+            index, form = STRATEGIES[name]
+            prepared = work / f"prepared-{index}"
+            if not (prepared / "manifest.json").exists():
+                run([py, "-m", "p5rec.cli", "data", "prepare", "--path", str(args.data), "--format", "p5seq",
+                     "--index", index, "--out", str(prepared)])
+            result = out / f"p5rec-{name}.json"
+            if result.exists():
+                continue
+            run_dir = work / f"p5rec-{name}"
+            t0 = time.time()
+            run([py, "train.py", "--prepared_dir", str(prepared), "--families", "sequential,direct",
+                 "--renders", "sequential=2,direct=1", "--preset", b["preset"], "--id_form", form,
+                 "--max_steps", str(b["max_steps"]), "--per_device_train_batch_size", str(b["batch"]),
+                 "--eval_steps", str(b["max_steps"] // 5), "--save_steps", str(b["max_steps"] // 5),
+                 "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *b["extra"]])
+            run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential",
+                 "--templates", "2-1,2-13", "--max-users", "0"])
+            report = json.loads((run_dir / "results.json").read_text())
+            report["wall_clock_seconds"] = round(time.time() - t0, 1)
+            result.write_text(json.dumps(report, indent=2))
+        prepared = work / "prepared-random"
+        if not (out / "sasrec.json").exists():
+            run([py, "bench/sasrec.py", "--prepared", str(prepared), "--epochs", str(b["sasrec_epochs"]),
+                 "--threads", "2", "--out", str(out / "sasrec.json")])
+    (out / "README.md").write_text(table(out))
+    print((out / "README.md").read_text())
+
+
+def table(out: Path) -> str:
+    rows = []
+    for f in sorted(out.glob("p5rec-*.json")):
+        r = json.loads(f.read_text())
+        m = r["templates"]["2-1"]["metrics"]
+        rows.append((f"p5rec {f.stem[6:]} ids (2-1)", [m[k] for k in KEYS], r.get("wall_clock_seconds")))
+        pop = r["baselines"].get("sequential", {}).get("popularity")
+        if pop and not any(x[0] == "popularity" for x in rows):
+            rows.append(("popularity", [pop[k] for k in KEYS], None))
+    if (out / "sasrec.json").exists():
+        s = json.loads((out / "sasrec.json").read_text())
+        m = s["metrics"]["no_exclusion"] if "metrics" in s else s["no_exclusion"]
+        rows.append(("SASRec (CE, p5rec implementation)", [m[k] for k in KEYS], s.get("wall_seconds", {}).get("total")))
+    lines = ["| model | HR@5 | NDCG@5 | HR@10 | NDCG@10 | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {s or ''} |" for n, vals, s in rows]
+    lines += [f"| {n} (published) | " + " | ".join(f"{v:.4f}" for v in vals) + " | |" for n, vals in PUBLISHED.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
