@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -91,6 +91,7 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
             "render": asdict(render_config),
             "spec": asdict(spec),
             "templates_module": _file_hash(tmod.__file__),
+            "mixture_module": _file_hash(__file__),
         }
     )
     cache = (cache_dir or default_cache_dir()) / "mixtures" / key
@@ -104,7 +105,9 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
         return tokenizer, train, valid, info
     info["cache_hit"] = False
     train = render_family_splits(prepared, templates, render_config, spec.families, "train")
-    valid = render_family_splits(prepared, templates, render_config, spec.families, "valid")
+    # Validation renders every template per record: render only as many records as the sample keeps.
+    few = replace(render_config, max_records=spec.valid_rows_per_family)
+    valid = render_family_splits(prepared, templates, few, spec.families, "valid")
     valid = _per_family_sample(valid, spec.valid_rows_per_family, render_config.seed)
     logger.info("training a %d-piece SentencePiece model on %d rendered rows", spec.vocab_size, len(train))
     corpus = _corpus(prepared, train)
