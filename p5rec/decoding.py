@@ -150,6 +150,12 @@ def rank_items(
                 vals, pos = torch.topk(logp[row, ids], top)
                 results[i] = [(tok_to_item[int(ids[p])], float(v)) for v, p in zip(vals, pos)]
             continue
+        if per_prompt:
+            # Each prompt has its own few candidates: rank them exactly by full-sequence log-likelihood
+            # (one encoder pass, teacher-forced decoder over every candidate) instead of a beam search.
+            for i, ranked in zip(idx, _rank_by_loglik(model, enc, tries, k)):
+                results[i] = ranked
+            continue
         beams = min(num_beams or k, max(len(t.spell) for t in tries))
         out = model.generate(
             **enc,
@@ -175,6 +181,38 @@ def rank_items(
                     ranked.append((item, scores[j]))
             results[i] = ranked[:k]
     return results
+
+
+@torch.no_grad()
+def _rank_by_loglik(model, enc, tries: Sequence[ItemTrie], k: int) -> list[list[tuple[str, float]]]:
+    """Top-``k`` items of each prompt's trie by log P(item spelling, EOS | prompt), computed exactly."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    hidden = model.get_encoder()(**enc).last_hidden_state
+    out = []
+    for row, trie in enumerate(tries):
+        items = list(trie.spell)
+        if not items:
+            out.append([])
+            continue
+        width = max(len(trie.spell[i]) for i in items)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        for j, item in enumerate(items):
+            ids = trie.spell[item]
+            labels[j, : len(ids)] = torch.tensor(ids)
+        labels = labels.to(model.device)
+        n = len(items)
+        logits = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden[row : row + 1].expand(n, -1, -1)),
+            attention_mask=enc["attention_mask"][row : row + 1].expand(n, -1),
+            labels=labels,
+        ).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tok = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        score = (tok * (labels != -100)).sum(-1)
+        top = torch.topk(score, min(k, n))
+        out.append([(items[int(i)], float(v)) for v, i in zip(top.values, top.indices)])
+    return out
 
 
 def _without(trie: ItemTrie, items: Sequence[str]) -> ItemTrie:

@@ -72,11 +72,14 @@ def test_oracle_model_scores_perfectly(surfaces):
     ranked = rank_items(model, tok, src, trie, k=5, num_beams=5)
     m = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], list(surfaces))
     assert m["HR@1"] == 1.0 and m["NDCG@5"] == 1.0
-    # restricted to per-prompt candidates, and with the truth excluded it can never come back
-    cands = [list(surfaces)[:4] for _ in src]
+    # restricted to per-prompt candidates (a different set for every prompt, as in evaluation): the full
+    # candidate list comes back, ranked with the truth first
+    raws = list(surfaces)
+    cands = [[raws[i]] + [raws[(i + d) % len(raws)] for d in (1, 3, 5)] for i in range(len(raws))]
     per = [trie.subset(c) for c in cands]
-    ranked = rank_items(model, tok, src[:4], per[:4], k=4)
-    assert [r[0][0] for r in ranked] == list(surfaces)[:4]
+    ranked = rank_items(model, tok, src, per, k=4, batch_size=5)
+    assert [r[0][0] for r in ranked] == raws
+    assert all(sorted(i for i, _ in r) == sorted(c) for r, c in zip(ranked, cands))
     ranked = rank_items(model, tok, src[:4], trie, k=3, exclude=[[t] for t in list(surfaces)[:4]])
     assert all(r[0][0] != t for r, t in zip(ranked, surfaces))
 
