@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ def rank_items(
             num_beams=beams,
             num_return_sequences=beams,
             max_new_tokens=max(len(s) for t in tries for s in t.spell.values()),
-            logits_processor=LogitsProcessorList([TrieLogitsProcessor(tries, beams, tokenizer.pad_token_id)]),
+            # transformers' own prefix constraint maps each beam row to its example (batch_id); the lists
+            # are short here (one trie level, ~20 children), which is where this API is fast
+            prefix_allowed_tokens_fn=lambda b, ids: tries[b].allowed(tuple(ids[1:].tolist())) or [tokenizer.pad_token_id],
             output_scores=True,
             return_dict_in_generate=True,
             do_sample=False,
@@ -175,7 +177,7 @@ def rank_items(
             t = tries[row]
             ranked, seen = [], set()
             for j in range(row * beams, (row + 1) * beams):
-                item = t.item_of([x for x in seqs[j] if x != tokenizer.pad_token_id])
+                item = t.item_of(_until_eos(seqs[j], t.eos_id, tokenizer.pad_token_id))
                 if item is not None and item not in seen:
                     seen.add(item)
                     ranked.append((item, scores[j]))
@@ -212,6 +214,18 @@ def _rank_by_loglik(model, enc, tries: Sequence[ItemTrie], k: int) -> list[list[
         score = (tok * (labels != -100)).sum(-1)
         top = torch.topk(score, min(k, n))
         out.append([(items[int(i)], float(v)) for v, i in zip(top.values, top.indices)])
+    return out
+
+
+def _until_eos(ids: Sequence[int], eos: int, pad: int) -> list[int]:
+    """A beam's tokens up to and including its first EOS: finished beams are padded with pad *or* EOS."""
+    out = []
+    for x in ids:
+        if x == pad:
+            continue
+        out.append(x)
+        if x == eos:
+            break
     return out
 
 

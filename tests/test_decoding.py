@@ -72,6 +72,9 @@ def test_oracle_model_scores_perfectly(surfaces):
     ranked = rank_items(model, tok, src, trie, k=5, num_beams=5)
     m = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], list(surfaces))
     assert m["HR@1"] == 1.0 and m["NDCG@5"] == 1.0
+    # a wide beam (finished beams get padded with EOS) still returns k distinct catalogue items
+    ranked = rank_items(model, tok, src, trie, k=10, num_beams=12)
+    assert all(len(r) == 10 and len({i for i, _ in r}) == 10 for r in ranked)
     # restricted to per-prompt candidates (a different set for every prompt, as in evaluation): the full
     # candidate list comes back, ranked with the truth first
     raws = list(surfaces)
