@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = ROOT.parent / "shared" / "data" / "p5-sequential" / "beauty"
 logger = logging.getLogger("bench.beauty")
 
-# id strategy name -> (prepare --index, train --id_form)
-STRATEGIES = {"random": ("random", "token"), "collaborative": ("collaborative", "token"),
-              "p5-sequential": ("sequential", "text")}
+# id strategy name -> (prepare --index, train --id_form, prompt tokens kept). Digit-string ids take ~6 tokens
+# per history item (20 items: ~140 tokens), so the text form keeps 256 prompt tokens instead of 128.
+STRATEGIES = {"random": ("random", "token", 128), "collaborative": ("collaborative", "token", 128),
+              "p5-sequential": ("sequential", "text", 256)}
 BUDGETS = {
     "cpu": {"preset": "mini", "max_steps": 3000, "batch": 64, "sasrec_epochs": 20, "extra": []},
     "gpu": {"preset": "small", "max_steps": 60000, "batch": 128, "sasrec_epochs": 200, "extra": ["--bf16", "true"]},
@@ -63,7 +64,7 @@ def main() -> None:
     py = sys.executable
     if not args.table_only:
         for name in args.strategies.split(","):
-            index, form = STRATEGIES[name]
+            index, form, source_len = STRATEGIES[name]
             prepared = work / f"prepared-{index}"
             if not (prepared / "manifest.json").exists():
                 run([py, "-m", "p5rec.cli", "data", "prepare", "--path", str(args.data), "--format", "p5seq",
@@ -75,6 +76,7 @@ def main() -> None:
             t0 = time.time()
             run([py, "train.py", "--prepared_dir", str(prepared), "--families", "sequential,direct",
                  "--renders", "sequential=2,direct=1", "--preset", b["preset"], "--id_form", form,
+                 "--max_source_length", str(source_len),
                  "--max_steps", str(b["max_steps"]), "--per_device_train_batch_size", str(b["batch"]),
                  "--eval_steps", str(b["max_steps"] // 5), "--save_steps", str(b["max_steps"] // 5),
                  "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *b["extra"]])

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ class EvalConfig:
     num_beams: int = 20
     text_beams: int = 1
     max_new_tokens: int = 32
-    max_source_length: int = 128
+    max_source_length: int | None = None  # None: the run's own (run_config.json data.max_source_length)
     exclude_history: bool = False
     seed: int = 42
     baselines: bool = True
@@ -350,6 +350,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         prepared = load_prepared(Path(config["prepared_dir"]))
     if templates is None:
         templates = load_templates()
+    if cfg.max_source_length is None:
+        cfg = replace(cfg, max_source_length=config.get("data", {}).get("max_source_length", 128))
     render = dict(config["render"])
     render_config = RenderConfig(**render)
     id_form = render_config.id_form

@@ -67,12 +67,34 @@ def render_family_splits(prepared, templates, render_config, families, split: st
 def tokenize(ds: Dataset, tokenizer, spec: MixtureSpec, desc: str) -> Dataset:
     """Batched tokenization: ``input_ids``, ``attention_mask``, ``labels`` (unpadded; the collator pads)."""
 
-    def fn(batch):
-        enc = tokenizer(batch["source"], truncation=True, max_length=spec.max_source_length)
-        lab = tokenizer(text_target=batch["target"], truncation=True, max_length=spec.max_target_length)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": lab["input_ids"]}
+    cut = {"source": 0, "target": 0}
 
-    return ds.map(fn, batched=True, batch_size=2000, desc=desc)
+    def fn(batch):
+        # tokenized in full, then cut, so that every cut row is counted: a prompt cut at the end loses its most
+        # recent history items and the question, which must never happen silently
+        enc = tokenizer(batch["source"])
+        lab = tokenizer(text_target=batch["target"])
+        cut["source"] += sum(len(x) > spec.max_source_length for x in enc["input_ids"])
+        cut["target"] += sum(len(x) > spec.max_target_length for x in lab["input_ids"])
+        return {
+            "input_ids": [_cut(x, spec.max_source_length) for x in enc["input_ids"]],
+            "attention_mask": [x[: spec.max_source_length] for x in enc["attention_mask"]],
+            "labels": [_cut(x, spec.max_target_length) for x in lab["input_ids"]],
+        }
+
+    out = ds.map(fn, batched=True, batch_size=2000, desc=desc)
+    for side, limit in (("source", spec.max_source_length), ("target", spec.max_target_length)):
+        if cut[side]:
+            logger.warning(
+                "%s: %d of %d %ss were longer than %d tokens and were cut; raise --max_%s_length%s",
+                desc, cut[side], len(ds), side, limit, side, " or lower --max_history" if side == "source" else "",
+            )
+    return out
+
+
+def _cut(ids: list[int], limit: int) -> list[int]:
+    """Keep at most ``limit`` tokens, the last one being EOS as the tokenizer's own truncation does."""
+    return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
 
 
 def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_dir: Path | None = None):

@@ -16,7 +16,7 @@ TINY = [
     "--renders", "sequential=2,direct=1,rating=1,explanation=1,review=1",
     "--per_device_train_batch_size", "16", "--max_steps", "24", "--eval_steps", "12", "--save_steps", "12",
     "--logging_steps", "6", "--eval_users", "8", "--test_max_cases", "12", "--test_max_candidate_cases", "3",
-    "--disable_tqdm", "true", "--learning_rate", "5e-3",
+    "--disable_tqdm", "true", "--learning_rate", "5e-3", "--max_source_length", "160",
 ]
 
 
@@ -69,6 +69,8 @@ def test_reload_reproduces_the_runs_predictions(run_dir, tmp_path):
     assert cli(["evaluate", "--run", str(copy), "--max-users", "12", "--max-candidate-users", "3",
                 "--templates", "2-1,2-7,1-1,3-1,4-1,5-5,5-1"]) == 0
     after = json.loads((copy / "results.json").read_text())
+    # the saved run's prompt length is used, not a default
+    assert after["eval_config"]["max_source_length"] == before["eval_config"]["max_source_length"] == 160
     for tid in ["2-1", "2-7", "1-1", "3-1", "4-1", "5-5", "5-1"]:
         assert after["templates"][tid]["metrics"] == before["templates"][tid]["metrics"], tid
 

@@ -46,3 +46,22 @@ def test_text_ids_split_into_digits():
 def test_empty_corpus_is_a_clear_error():
     with pytest.raises(ValueError, match="no text"):
         train_sentencepiece(["", "  "])
+
+
+def test_mixture_tokenize_cuts_long_rows_like_the_tokenizer_and_says_so(caplog):
+    from datasets import Dataset
+
+    from p5rec.mixture import MixtureSpec, tokenize
+
+    tok = build_tokenizer(train_sentencepiece(CORPUS, vocab_size=120))
+    ds = Dataset.from_dict({"source": ["great guitar strings " * 20, "cheap cable"], "target": ["5", "the plugs " * 20]})
+    spec = MixtureSpec(max_source_length=16, max_target_length=8)
+    with caplog.at_level("WARNING", logger="p5rec.mixture"):
+        out = tokenize(ds, tok, spec, "tokenizing test")
+    ref = tok(list(ds["source"]), truncation=True, max_length=16)["input_ids"]
+    assert out["input_ids"] == ref and len(out["input_ids"][0]) == 16 and out["input_ids"][0][-1] == tok.eos_token_id
+    assert [len(x) for x in out["attention_mask"]] == [len(x) for x in ref]
+    assert out["labels"] == tok(text_target=list(ds["target"]), truncation=True, max_length=8)["input_ids"]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("1 of 2 sources were longer than 16 tokens" in m for m in msgs)
+    assert any("1 of 2 targets were longer than 8 tokens" in m for m in msgs)
