@@ -35,6 +35,17 @@ BUDGETS = {
     "cpu": {"preset": "mini", "max_steps": 3000, "batch": 64, "sasrec_epochs": 20, "extra": []},
     "gpu": {"preset": "small", "max_steps": 60000, "batch": 128, "sasrec_epochs": 200, "extra": ["--bf16", "true"]},
 }
+# How the prompts are made. "p5": P5's setting (a token per user, sequential + direct families, every template
+# kind). "history": SASRec's information (no user ids: every user is "a user"), the sequential family without the
+# 100-candidate templates, larger batches; its own steps and batch per budget.
+RECIPES = {
+    "p5": {"families": "sequential,direct", "renders": "sequential=2,direct=1", "extra": []},
+    "history": {
+        "families": "sequential", "renders": "sequential=4",
+        "extra": ["--anonymous_users", "true", "--candidate_template_weight", "0"],
+        "cpu": {"batch": 256, "max_steps": 1500}, "gpu": {"batch": 256, "max_steps": 30000},
+    },
+}
 PUBLISHED = {  # HR@5, NDCG@5, HR@10, NDCG@10 on these sequences
     "SASRec (tuned, later work)": (.0469, .0305, .0688, .0375),
     "TIGER": (.0454, .0321, .0648, .0384),
@@ -53,11 +64,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="p5")
     ap.add_argument("--data", type=Path, default=BEAUTY)
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    b = BUDGETS[args.budget]
+    recipe = RECIPES[args.recipe]
+    b = {**BUDGETS[args.budget], **recipe.get(args.budget, {})}
+    suffix = "" if args.recipe == "p5" else f"-{args.recipe}"
     out = ROOT / "bench" / "results" / f"beauty-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
     work = ROOT / "runs" / f"beauty-{args.budget}"
@@ -69,13 +83,13 @@ def main() -> None:
             if not (prepared / "manifest.json").exists():
                 run([py, "-m", "p5rec.cli", "data", "prepare", "--path", str(args.data), "--format", "p5seq",
                      "--index", index, "--out", str(prepared)])
-            result = out / f"p5rec-{name}.json"
+            result = out / f"p5rec-{name}{suffix}.json"
             if result.exists():
                 continue
-            run_dir = work / f"p5rec-{name}"
+            run_dir = work / f"p5rec-{name}{suffix}"
             t0 = time.time()
-            run([py, "train.py", "--prepared_dir", str(prepared), "--families", "sequential,direct",
-                 "--renders", "sequential=2,direct=1", "--preset", b["preset"], "--id_form", form,
+            run([py, "train.py", "--prepared_dir", str(prepared), "--families", recipe["families"],
+                 "--renders", recipe["renders"], *recipe["extra"], "--preset", b["preset"], "--id_form", form,
                  "--max_source_length", str(source_len),
                  "--max_steps", str(b["max_steps"]), "--per_device_train_batch_size", str(b["batch"]),
                  "--eval_steps", str(b["max_steps"] // 5), "--save_steps", str(b["max_steps"] // 5),
@@ -84,6 +98,7 @@ def main() -> None:
                  "--templates", "2-1,2-13", "--max-users", "0"])
             report = json.loads((run_dir / "results.json").read_text())
             report["wall_clock_seconds"] = round(time.time() - t0, 1)
+            report["recipe"] = {"name": args.recipe, **recipe, "budget": args.budget, **b}
             result.write_text(json.dumps(report, indent=2))
         prepared = work / "prepared-random"
         if not (out / "sasrec.json").exists():
@@ -98,7 +113,9 @@ def table(out: Path) -> str:
     for f in sorted(out.glob("p5rec-*.json")):
         r = json.loads(f.read_text())
         m = r["templates"]["2-1"]["metrics"]
-        rows.append((f"p5rec {f.stem[6:]} ids (2-1)", [m[k] for k in KEYS], r.get("wall_clock_seconds")))
+        name = f.stem[len("p5rec-"):]
+        label = f"p5rec {name.removesuffix('-history')} ids" + (", history recipe" if name.endswith("-history") else "")
+        rows.append((f"{label} (2-1)", [m[k] for k in KEYS], r.get("wall_clock_seconds")))
         pop = r["baselines"].get("sequential", {}).get("popularity")
         if pop and not any(x[0] == "popularity" for x in rows):
             rows.append(("popularity", [pop[k] for k in KEYS], None))

@@ -39,10 +39,11 @@ class MixtureSpec:
     valid_rows_per_family: int = 200
 
 
-def id_tokens(index, form: str) -> list[str]:
+def id_tokens(index, form: str, users: bool = True) -> list[str]:
+    """The added tokens of the id surfaces: one per user (unless ``users`` is False) and per item (level)."""
     if form != "token":
         return []
-    return list(index.user_tokens()) + list(index.item_tokens(form))
+    return (list(index.user_tokens()) if users else []) + list(index.item_tokens(form))
 
 
 def _hash(obj) -> str:
@@ -134,7 +135,7 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
     logger.info("training a %d-piece SentencePiece model on %d rendered rows", spec.vocab_size, len(train))
     corpus = _corpus(prepared, train)
     vocab = train_sentencepiece(corpus, vocab_size=spec.vocab_size, seed=render_config.seed)
-    tokenizer = build_tokenizer(vocab, id_tokens(prepared.index, render_config.id_form))
+    tokenizer = build_tokenizer(vocab, id_tokens(prepared.index, render_config.id_form, not render_config.anonymous_users))
     train = tokenize(train, tokenizer, spec, "tokenizing train")
     valid = tokenize(valid, tokenizer, spec, "tokenizing valid")
     tmp = cache.with_name(cache.name + ".tmp")

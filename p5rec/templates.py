@@ -192,8 +192,9 @@ def _words(text: Any, limit: int) -> str:
 FIELDS: dict[str, tuple[str, Callable[["_Renderer", dict], Any]]] = {
     "user": ("user id surface", lambda r, x: r.users[x["user"]]),
     "user_name": (
-        "reviewer name; the user surface when the dataset has none",
-        lambda r, x: x.get("user_name") or r.names.get(x["user"]) or r.users[x["user"]],
+        "reviewer name; the user surface when the dataset has none (or users are anonymous)",
+        lambda r, x: r.users[x["user"]] if r.config.anonymous_users
+        else x.get("user_name") or r.names.get(x["user"]) or r.users[x["user"]],
     ),
     "item": ("surface of the item asked about", lambda r, x: r.items[x["item"]] if x.get("item") else ""),
     "item_title": ("title of the item asked about", lambda r, x: r.title(x.get("item"))),
@@ -580,6 +581,9 @@ class RenderConfig:
     max_review_words: int = 64
     all_templates_on_eval: bool = True  # valid/test: every selected template once per record (per-template metrics)
     max_records: int | None = None  # render only the first N records of a split (previews, smoke runs)
+    # every user renders as ANONYMOUS_USER: prompts carry only the history, no user id and no user vocabulary
+    # (SASRec's setting; P5's per-user tokens are rarely trained when users have few interactions each)
+    anonymous_users: bool = False
 
     def __post_init__(self):
         if self.id_form not in ("token", "text"):
@@ -588,6 +592,9 @@ class RenderConfig:
             raise ValueError("yes_ratio must be in [0, 1]")
         if self.n_list < 2 or self.n_candidates < 2:
             raise ValueError("n_list and n_candidates must be at least 2")
+
+
+ANONYMOUS_USER = "a user"
 
 
 class _SurfaceMap(dict):
@@ -608,7 +615,9 @@ class _Renderer:
     def __init__(self, index, config: RenderConfig, titles: Mapping[str, str] | None = None,
                  names: Mapping[str, str] | None = None):
         self.config = config
-        self.users = _SurfaceMap(index.user_text, config.id_form)
+        self.users = _SurfaceMap(
+            (lambda raw, form: ANONYMOUS_USER) if config.anonymous_users else index.user_text, config.id_form
+        )
         self.items = _SurfaceMap(index.item_text, config.id_form)
         self.titles = titles or {}
         self.names = names or {}

@@ -68,6 +68,11 @@ class DataArguments:
     )
     max_review_words: int = field(default=32, metadata={"help": "review words shown in review prompts"})
     max_history: int = field(default=20, metadata={"help": "most recent items shown in a history"})
+    anonymous_users: bool = field(
+        default=False,
+        metadata={"help": "render every user as 'a user': no user ids in prompts and no user tokens (SASRec's "
+                  "setting; P5 gives each user a token)"},
+    )
     max_source_length: int = field(default=128, metadata={"help": "prompt tokens kept"})
     max_target_length: int = field(default=32, metadata={"help": "target tokens kept"})
     template_files: Optional[str] = field(default=None, metadata={"help": "extra templates.yaml files, comma-separated"})
@@ -185,6 +190,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         max_history=dargs.max_history,
         renders=dargs.render_counts(),
         max_review_words=dargs.max_review_words,
+        anonymous_users=dargs.anonymous_users,
         template_weights={
             t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"
         },
@@ -203,7 +209,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
 
     set_seed(targs.seed)  # the model's initial weights depend only on the seed
     if margs.model_name_or_path:
-        model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, id_tokens(prepared.index, margs.id_form))
+        model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, id_tokens(prepared.index, margs.id_form, not dargs.anonymous_users))
     else:
         model = build_model(margs.preset, tokenizer, margs.dropout_rate)
 

@@ -186,6 +186,24 @@ def test_token_and_text_forms(shipped):
     assert "item_5 , item_9" in src and "user_3" in src and tgt == "item_2"
 
 
+def test_anonymous_users_leave_no_user_id_or_name(shipped):
+    from p5rec.mixture import id_tokens
+    from p5rec.templates import ANONYMOUS_USER
+
+    cfg = RenderConfig(anonymous_users=True)
+    rec = {"user": "U3", "user_name": "Ann", "history": ["A5", "A9"], "target": "A2"}
+    [(src, tgt)] = render_records(shipped.get("2-1"), [rec], FakeIndex(), cfg)
+    assert src.startswith(ANONYMOUS_USER) and "<u3>" not in src and "<i5><i9>" in src and tgt == "<i2>"
+    [(src, _)] = render_records(shipped.get("2-3"), [rec], FakeIndex(), cfg)
+    assert "Ann" not in src and src.startswith(ANONYMOUS_USER)
+    # and the tokenizer gets no user tokens
+    from p5rec.indexing import Index
+
+    index = Index("random", {"U3": "1", "U4": "2"}, {"A5": "1", "A9": "2"})
+    assert id_tokens(index, "token", users=False) == ["<i1>", "<i2>"]
+    assert set(id_tokens(index, "token")) == {"<u1>", "<u2>", "<i1>", "<i2>"}
+
+
 def test_history_keeps_most_recent(shipped):
     t = shipped.get("2-1")
     rec = {"user": "U1", "history": [f"A{i}" for i in range(1, 21)], "target": "A2"}
