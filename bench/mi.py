@@ -1,0 +1,108 @@
+"""MI (all five families): the main job's configuration and a longer one, beside the baselines.
+
+    python bench/mi.py --config main     # = python train.py (the README's main job), ~11 min on 2 CPU cores
+    python bench/mi.py --config long     # 3x the steps (5,400 of 64), ~30 min
+    python bench/mi.py --table-only      # rebuild bench/results/mi-table.md from the JSON files
+
+Each configuration trains into ``runs/mi-<config>`` and copies its results, learning curve and run config to
+``bench/results/mi-<config>-*.json``; a configuration whose results file exists is skipped. The table holds
+the mean over templates, seen and unseen, per family and protocol, with the same-split baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results"
+CONFIGS = {
+    "main": [],
+    "long": ["--max_steps", "5400", "--eval_steps", "900", "--save_steps", "1800"],
+}
+# (family, protocol, metrics shown, baseline family, baseline names)
+ROWS = [
+    ("sequential", "full ranking", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "sequential", ["popularity"]),
+    ("direct", "candidates", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "direct", ["popularity"]),
+    ("direct", "yes/no over candidates", ["HR@10", "NDCG@10"], "direct", ["popularity"]),
+    ("rating", "rating", ["RMSE", "MAE"], "rating", ["global mean", "biased MF"]),
+    ("rating", "rating", ["RMSE_expected", "MAE_expected"], "rating", []),
+    ("explanation", "text", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"], "explanation", None),
+    ("review", "text", ["BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L"], "review", None),
+    ("review", "rating", ["RMSE", "MAE"], "rating", ["global mean"]),
+]
+
+
+def run_config(name: str) -> None:
+    run_dir = ROOT / "runs" / f"mi-{name}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a partial run: start again (train.py resumes only when told)
+    t0 = time.time()
+    subprocess.run([sys.executable, "train.py", "--output_dir", str(run_dir), "--disable_tqdm", "true",
+                    *CONFIGS[name]], check=True, cwd=ROOT)
+    wall = round(time.time() - t0, 1)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["wall_clock_seconds"] = wall
+    results["train_results"] = json.loads((run_dir / "train_results.json").read_text())
+    (OUT / f"mi-{name}-results.json").write_text(json.dumps(results, indent=2))
+    shutil.copy(run_dir / "learning_curve.json", OUT / f"mi-{name}-learning-curve.json")
+    shutil.copy(run_dir / "run_config.json", OUT / f"mi-{name}-run-config.json")
+
+
+def _fmt(v, key: str) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if key.startswith(("BLEU", "ROUGE")) else f"{v:.4f}"
+
+
+def table() -> str:
+    done = [n for n in CONFIGS if (OUT / f"mi-{n}-results.json").exists()]
+    res = {n: json.loads((OUT / f"mi-{n}-results.json").read_text()) for n in done}
+    head = "| family (protocol) | metrics | " + " | ".join(f"{n} seen | {n} unseen" for n in done) + " | baselines |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(done))]
+    for fam, proto, keys, bfam, bnames in ROWS:
+        cells = []
+        for n in done:
+            agg = res[n]["families"].get(fam, {}).get(proto, {})
+            for part in ("seen", "unseen"):
+                m = agg.get(part) or {}
+                cells.append(" / ".join(_fmt(m.get(k), k) for k in keys) if m else "–")
+        base = res[done[-1]]["baselines"].get(bfam, {}) if done else {}
+        names = bnames if bnames is not None else list(base)
+        b = "; ".join(f"{bn} " + " / ".join(_fmt(base[bn].get(k), k) for k in keys) for bn in names
+                      if bn in base and all(k in base[bn] for k in keys))
+        lines.append(f"| {fam} ({proto}) | {' / '.join(keys)} | " + " | ".join(cells) + f" | {b} |")
+    lines.append("")
+    for n in done:
+        r = res[n]
+        tr = r.get("train_results", {})
+        parts = [f"wall clock {r['wall_clock_seconds']} s"] if "wall_clock_seconds" in r else []
+        if tr:
+            parts.append(f"training {tr['train_runtime']:.0f} s ({tr['epoch']:.2f} epochs)")
+        parts.append(f"test evaluation {r['seconds']} s")
+        cmd = " ".join(["python train.py", *CONFIGS[n]])
+        lines.append(f"- `{n}`: `{cmd}`; " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), action="append", default=[])
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for name in args.config or list(CONFIGS):
+            if not (OUT / f"mi-{name}-results.json").exists():
+                run_config(name)
+    (OUT / "mi-table.md").write_text(table())
+    print((OUT / "mi-table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
