@@ -87,17 +87,19 @@ def main() -> None:
             if result.exists():
                 continue
             run_dir = work / f"p5rec-{name}{suffix}"
+            if not (run_dir / "train_results.json").exists():  # else trained already: only evaluate again
+                run([py, "train.py", "--prepared_dir", str(prepared), "--families", recipe["families"],
+                     "--renders", recipe["renders"], *recipe["extra"], "--preset", b["preset"], "--id_form", form,
+                     "--max_source_length", str(source_len),
+                     "--max_steps", str(b["max_steps"]), "--per_device_train_batch_size", str(b["batch"]),
+                     "--eval_steps", str(b["max_steps"] // 5), "--save_steps", str(b["max_steps"] // 5),
+                     "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *b["extra"]])
             t0 = time.time()
-            run([py, "train.py", "--prepared_dir", str(prepared), "--families", recipe["families"],
-                 "--renders", recipe["renders"], *recipe["extra"], "--preset", b["preset"], "--id_form", form,
-                 "--max_source_length", str(source_len),
-                 "--max_steps", str(b["max_steps"]), "--per_device_train_batch_size", str(b["batch"]),
-                 "--eval_steps", str(b["max_steps"] // 5), "--save_steps", str(b["max_steps"] // 5),
-                 "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *b["extra"]])
             run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential",
                  "--templates", "2-1,2-13", "--max-users", "0"])
             report = json.loads((run_dir / "results.json").read_text())
-            report["wall_clock_seconds"] = round(time.time() - t0, 1)
+            train_wall = json.loads((run_dir / "run_config.json").read_text())["wall_clock_seconds"]
+            report["wall_clock_seconds"] = round(train_wall + time.time() - t0, 1)  # train.py + evaluation
             report["recipe"] = {"name": args.recipe, **recipe, "budget": args.budget, **b}
             result.write_text(json.dumps(report, indent=2))
         prepared = work / "prepared-random"

@@ -160,30 +160,7 @@ def rank_items(
                 results[i] = ranked
             continue
         beams = min(num_beams or k, max(len(t.spell) for t in tries))
-        out = model.generate(
-            **enc,
-            num_beams=beams,
-            num_return_sequences=beams,
-            max_new_tokens=max(len(s) for t in tries for s in t.spell.values()),
-            # transformers' own prefix constraint maps each beam row to its example (batch_id); the lists
-            # are short here (one trie level, ~20 children), which is where this API is fast
-            prefix_allowed_tokens_fn=lambda b, ids: tries[b].allowed(tuple(ids[1:].tolist())) or [tokenizer.pad_token_id],
-            output_scores=True,
-            return_dict_in_generate=True,
-            do_sample=False,
-            early_stopping=True,
-            length_penalty=0.0,
-        )
-        seqs = out.sequences[:, 1:].tolist()
-        scores = out.sequences_scores.tolist()
-        for row, i in enumerate(idx):
-            t = tries[row]
-            ranked, seen = [], set()
-            for j in range(row * beams, (row + 1) * beams):
-                item = t.item_of(_until_eos(seqs[j], t.eos_id, tokenizer.pad_token_id))
-                if item is not None and item not in seen:
-                    seen.add(item)
-                    ranked.append((item, scores[j]))
+        for i, ranked in zip(idx, trie_beam_search(model, enc, tries, beams)):
             results[i] = ranked[:k]
     return results
 
@@ -218,6 +195,82 @@ def _rank_by_loglik(model, enc, tries: Sequence[ItemTrie], k: int) -> list[list[
         top = torch.topk(score, min(k, n))
         out.append([(items[int(i)], float(v)) for v, i in zip(top.values, top.indices)])
     return out
+
+
+@torch.no_grad()
+def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[list[tuple[str, float]]]:
+    """Beam search that only walks each prompt's item trie; items with their log P(spelling + EOS | prompt).
+
+    Scores are exact sums of full-vocabulary log-probabilities (as ``generate`` with ``length_penalty=0``), but
+    the beam bookkeeping only touches each beam's few allowed children instead of the whole vocabulary, the
+    encoder and the cross-attention keys run once per prompt (not once per beam), and the decoder keeps its
+    cache. ``beams`` unfinished hypotheses are kept per prompt at every step; finished items are collected
+    and returned best first. With ``beams`` >= the number of items the search is exhaustive.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    device = model.device
+    n_prompts, neg_inf = len(tries), float("-inf")
+    hidden = model.get_encoder()(**enc).last_hidden_state
+    enc_h, enc_mask = hidden, enc["attention_mask"]
+    rows: list[tuple[int, tuple[int, ...]] | None] = [(b, ()) for b in range(n_prompts)]  # (prompt, prefix)
+    scores = torch.zeros(n_prompts, device=device)
+    tokens = torch.full((n_prompts, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+    cache = None
+    finished: list[list[tuple[str, float]]] = [[] for _ in tries]
+    depth = max((len(s) for t in tries for s in t.spell.values()), default=0)
+    for step in range(depth):
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_h), attention_mask=enc_mask,
+                    decoder_input_ids=tokens, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # the full-vocabulary normaliser, read once
+        allowed = [tries[r[0]].allowed(r[1]) if r is not None else [] for r in rows]
+        lens = np.fromiter((len(a) for a in allowed), dtype=np.int64, count=len(allowed))
+        width = int(lens.max()) if len(lens) else 0
+        if width == 0:
+            break
+        valid = np.arange(width)[None, :] < lens[:, None]
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        ids[valid] = [x for a in allowed for x in a]
+        cand = scores[:, None] + logits.gather(1, torch.from_numpy(ids).to(device)) - lse
+        cand = cand.masked_fill(~torch.from_numpy(valid).to(device), neg_inf)
+        per = len(rows) // n_prompts  # rows per prompt: 1 at the first step, ``beams`` after
+        top_v, top_i = cand.view(n_prompts, per * width).topk(min(2 * beams, per * width), dim=1)
+        new_rows, src, new_tok, new_scores = [], [], [], []
+        for b, (vals, flats) in enumerate(zip(top_v.tolist(), top_i.tolist())):
+            trie, kept = tries[b], 0
+            for v, flat in zip(vals, flats):
+                if v == neg_inf or kept == beams:
+                    break
+                r = b * per + flat // width
+                tok = allowed[r][flat % width]
+                prefix = rows[r][1] + (tok,)
+                if tok == trie.eos_id:
+                    finished[b].append((trie.leaf[prefix], v))
+                    continue
+                new_rows.append((b, prefix))
+                src.append(r)
+                new_tok.append(tok)
+                new_scores.append(v)
+                kept += 1
+            for _ in range(beams - kept):  # empty slots keep the layout rectangular
+                new_rows.append(None)
+                src.append(b * per)
+                new_tok.append(trie.eos_id)
+                new_scores.append(neg_inf)
+        if all(r is None for r in new_rows):
+            break
+        rows = new_rows
+        src_rows = torch.tensor(src, device=device)
+        if step == 0:  # one row per prompt becomes ``beams`` rows per prompt, cross-attention keys included
+            cache.reorder_cache(src_rows)
+            enc_h, enc_mask = hidden.repeat_interleave(beams, 0), enc_mask.repeat_interleave(beams, 0)
+        else:  # beams never leave their prompt, so the cross-attention keys stay where they are
+            cache.self_attention_cache.reorder_cache(src_rows)
+        tokens = torch.tensor(new_tok, device=device)[:, None]
+        scores = torch.tensor(new_scores, device=device)
+    return [sorted(f, key=lambda x: -x[1]) for f in finished]
 
 
 def _until_eos(ids: Sequence[int], eos: int, pad: int) -> list[int]:

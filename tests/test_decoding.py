@@ -100,3 +100,25 @@ def test_choice_logprobs_and_generation_shapes():
     assert np.all(np.exp(lp[:, 0]) + np.exp(lp[:, 1]) <= 1 + 1e-6)
     out = generate_text(model, tok, ["recommend", "good strings"], max_new_tokens=4)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
+
+
+def test_trie_beam_search_is_exact_when_exhaustive():
+    """Beams >= items: every item comes back with log P(spelling + EOS | prompt) equal to the teacher-forced
+    value, in the same order; narrower beams return true scores too. One item's spelling is a prefix of others'."""
+    from p5rec.decoding import _encode, _rank_by_loglik, trie_beam_search
+
+    surfaces = {**MULTI, "short": "<a2>"}
+    tok, model = _setup(surfaces)
+    model.eval()
+    trie = ItemTrie.from_surfaces(tok, surfaces)
+    prompts = ["recommend", "next one please good strings", "find the item"]
+    enc = _encode(tok, prompts, 64, model.device)
+    exact = _rank_by_loglik(model, enc, [trie] * len(prompts), k=len(surfaces))
+    full = trie_beam_search(model, enc, [trie] * len(prompts), beams=len(surfaces))
+    for got, want in zip(full, exact):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
+    truth = {i: s for i, s in exact[0]}
+    narrow = trie_beam_search(model, enc, [trie] * len(prompts), beams=3)
+    assert all(len(r) >= 3 for r in narrow)
+    assert all(abs(s - truth[i]) < 1e-4 for i, s in narrow[0])
