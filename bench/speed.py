@@ -113,6 +113,8 @@ def bench_decode(prepared, tok, preset: str, users: int, batch: int) -> list[dic
           lambda: rank_items(model, tok, src, trie, k=20, batch_size=batch), users)
     timed("restricted beam search, 20 beams (generate + trie mask)",
           lambda: _force_beam(model, tok, src, trie, batch), users)
+    timed("restricted beam search, 20 beams (p5rec's trie_beam_search)",
+          lambda: _trie_beam(model, tok, src, trie, batch), users)
 
     def unrestricted():
         for i in range(0, len(src), batch):
@@ -133,6 +135,15 @@ def bench_decode(prepared, tok, preset: str, users: int, batch: int) -> list[dic
     out.append({"method": "yes/no per candidate (2-11), 100 prompts per user",
                 "users_per_s": round(len(yn_src) / 100 / secs, 1), "prompts": len(yn_src)})
     return out
+
+
+def _trie_beam(model, tok, src, trie, batch):
+    """p5rec's own trie beam search (what evaluation uses for multi-token ids), forced on single-token ids."""
+    from p5rec.decoding import trie_beam_search
+
+    for i in range(0, len(src), batch):
+        enc = tok(src[i : i + batch], return_tensors="pt", padding=True)
+        trie_beam_search(model, enc, [trie] * enc["input_ids"].shape[0], 20)
 
 
 def _force_beam(model, tok, src, trie, batch):
