@@ -111,16 +111,16 @@ def main() -> None:
 
 
 def table(out: Path) -> str:
-    rows = []
+    rows, pop = [], None
     for f in sorted(out.glob("p5rec-*.json")):
         r = json.loads(f.read_text())
         m = r["templates"]["2-1"]["metrics"]
         name = f.stem[len("p5rec-"):]
         label = f"p5rec {name.removesuffix('-history')} ids" + (", history recipe" if name.endswith("-history") else "")
         rows.append((f"{label} (2-1)", [m[k] for k in KEYS], r.get("wall_clock_seconds")))
-        pop = r["baselines"].get("sequential", {}).get("popularity")
-        if pop and not any(x[0] == "popularity" for x in rows):
-            rows.append(("popularity", [pop[k] for k in KEYS], None))
+        pop = pop or r["baselines"].get("sequential", {}).get("popularity")
+    if pop:
+        rows.append(("popularity", [pop[k] for k in KEYS], None))
     if (out / "sasrec.json").exists():
         s = json.loads((out / "sasrec.json").read_text())
         m = s["metrics"]["no_exclusion"] if "metrics" in s else s["no_exclusion"]
