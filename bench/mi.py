@@ -1,7 +1,7 @@
 """MI (all five families): the main job's configuration and a longer one, beside the baselines.
 
     python bench/mi.py --config main     # = python train.py (the README's main job), ~11 min on 2 CPU cores
-    python bench/mi.py --config long     # 3x the steps (5,400 of 64), ~30 min
+    python bench/mi.py --config long     # 2x the steps (3,600 of 64), ~20 min
     python bench/mi.py --table-only      # rebuild bench/results/mi-table.md from the JSON files
 
 Each configuration trains into ``runs/mi-<config>`` and copies its results, learning curve and run config to
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 CONFIGS = {
     "main": [],
-    "long": ["--max_steps", "5400", "--eval_steps", "900", "--save_steps", "1800"],
+    "long": ["--max_steps", "3600", "--eval_steps", "900", "--save_steps", "1800"],
 }
 # (family, protocol, metrics shown, baseline family, baseline names)
 ROWS = [
