@@ -43,7 +43,7 @@ RECIPES = {
     "history": {
         "families": "sequential", "renders": "sequential=4",
         "extra": ["--anonymous_users", "true", "--candidate_template_weight", "0"],
-        "cpu": {"batch": 256, "max_steps": 1500}, "gpu": {"batch": 256, "max_steps": 30000},
+        "cpu": {"batch": 256, "max_steps": 1000}, "gpu": {"batch": 256, "max_steps": 30000},
     },
 }
 PUBLISHED = {  # HR@5, NDCG@5, HR@10, NDCG@10 on these sequences
