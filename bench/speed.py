@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessor
 
 logger = logging.getLogger("bench.speed")
 
@@ -137,6 +138,26 @@ def bench_decode(prepared, tok, preset: str, users: int, batch: int) -> list[dic
     return out
 
 
+class TrieLogitsProcessor(LogitsProcessor):
+    """generate()'s side of a trie mask (what p5rec used before ``trie_beam_search``), kept as the baseline it is
+    timed against. Masks every next token that would leave the trie; ``tries[i]`` serves example i (beams
+    i*B..i*B+B-1)."""
+
+    def __init__(self, tries: list, num_beams: int, pad_id: int):
+        self.tries, self.num_beams, self.pad_id = tries, num_beams, pad_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = torch.full_like(scores, float("-inf"))
+        prefixes = input_ids[:, 1:].tolist()  # drop the decoder start token
+        for row, prefix in enumerate(prefixes):
+            trie = self.tries[row // self.num_beams]
+            allowed = trie.allowed(tuple(prefix))
+            if not allowed:  # a finished beam keeps padding; generate() ignores it
+                allowed = [self.pad_id]
+            mask[row, allowed] = 0.0
+        return scores + mask
+
+
 def _trie_beam(model, tok, src, trie, batch):
     """p5rec's own trie beam search (what evaluation uses for multi-token ids), forced on single-token ids."""
     from p5rec.decoding import trie_beam_search
@@ -149,8 +170,6 @@ def _trie_beam(model, tok, src, trie, batch):
 def _force_beam(model, tok, src, trie, batch):
     """Beam search through generate() with the trie mask even though ids are single tokens."""
     from transformers import LogitsProcessorList
-
-    from p5rec.decoding import TrieLogitsProcessor
 
     for i in range(0, len(src), batch):
         enc = tok(src[i : i + batch], return_tensors="pt", padding=True)

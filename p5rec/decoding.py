@@ -3,12 +3,12 @@
 Every function takes rendered prompts (strings), runs batched and sorted by length (so padding stays small), and
 returns results in the prompts' original order.
 
-Restricted ranking uses a prefix trie over the token ids of every valid item (plus EOS), applied as a logits mask:
-a beam can only ever spell a real catalogue item, so no generated item is invalid, and since beam hypotheses are
-distinct token sequences and each item has one spelling, no item is returned twice. When every item is a single
-token (``token`` id form with random/sequential ids) a beam search of width K over "item, EOS" reduces to the top-K
-of one masked decoder step, which is what :func:`rank_items` computes then (exactly the beam ranking up to the
-near-zero log P(EOS | item) term) — about 10x faster than running ``generate``.
+Restricted ranking walks a prefix trie over the token ids of every valid item (plus EOS): a beam can only ever
+spell a real catalogue item, so no generated item is invalid, and since beam hypotheses are distinct token
+sequences and each item has one spelling, no item is returned twice. When every item is a single token (``token``
+id form with random/sequential ids) a beam search of width K over "item, EOS" reduces to the top-K of one masked
+decoder step, which is what :func:`rank_items` computes then (exactly the beam ranking up to the near-zero
+log P(EOS | item) term); multi-token ids go through :func:`trie_beam_search`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +72,6 @@ class ItemTrie:
     def first_tokens(self) -> dict[int, str]:
         """For a single-token trie: token id -> item."""
         return {ids[0]: item for item, ids in self.spell.items()}
-
-
-class TrieLogitsProcessor(LogitsProcessor):
-    """Masks every next token that would leave the trie. ``tries[i]`` serves example i (beams i*B..i*B+B-1)."""
-
-    def __init__(self, tries: Sequence[ItemTrie], num_beams: int, pad_id: int):
-        self.tries, self.num_beams, self.pad_id = tries, num_beams, pad_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        mask = torch.full_like(scores, float("-inf"))
-        prefixes = input_ids[:, 1:].tolist()  # drop the decoder start token
-        for row, prefix in enumerate(prefixes):
-            trie = self.tries[row // self.num_beams]
-            allowed = trie.allowed(tuple(prefix))
-            if not allowed:  # a finished beam keeps padding; generate() ignores it
-                allowed = [self.pad_id]
-            mask[row, allowed] = 0.0
-        return scores + mask
 
 
 def _batches(sources: Sequence[str], batch_size: int, desc: str | None):
@@ -271,18 +252,6 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[
         tokens = torch.tensor(new_tok, device=device)[:, None]
         scores = torch.tensor(new_scores, device=device)
     return [sorted(f, key=lambda x: -x[1]) for f in finished]
-
-
-def _until_eos(ids: Sequence[int], eos: int, pad: int) -> list[int]:
-    """A beam's tokens up to and including its first EOS: finished beams are padded with pad *or* EOS."""
-    out = []
-    for x in ids:
-        if x == pad:
-            continue
-        out.append(x)
-        if x == eos:
-            break
-    return out
 
 
 def _without(trie: ItemTrie, items: Sequence[str]) -> ItemTrie:

@@ -135,7 +135,7 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
     logger.info("training a %d-piece SentencePiece model on %d rendered rows", spec.vocab_size, len(train))
     corpus = _corpus(prepared, train)
     vocab = train_sentencepiece(corpus, vocab_size=spec.vocab_size, seed=render_config.seed)
-    tokenizer = build_tokenizer(vocab, id_tokens(prepared.index, render_config.id_form, not render_config.anonymous_users))
+    tokenizer = build_tokenizer(vocab, id_tokens(prepared.index, render_config.id_form, users=not render_config.anonymous_users))
     train = tokenize(train, tokenizer, spec, "tokenizing train")
     valid = tokenize(valid, tokenizer, spec, "tokenizing valid")
     tmp = cache.with_name(cache.name + ".tmp")

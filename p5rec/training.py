@@ -209,7 +209,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
 
     set_seed(targs.seed)  # the model's initial weights depend only on the seed
     if margs.model_name_or_path:
-        model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, id_tokens(prepared.index, margs.id_form, not dargs.anonymous_users))
+        ids = id_tokens(prepared.index, margs.id_form, users=not dargs.anonymous_users)
+        model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, ids)
     else:
         model = build_model(margs.preset, tokenizer, margs.dropout_rate)
 
