@@ -323,7 +323,7 @@ def _batch(rec: P5Rec, args) -> int:
         k = max(int(r.get("k", 10)) for _, r in chunk)
         try:
             preds = rec.recommend_batch(chunk and [r for _, r in chunk], k=k)
-        except (UnknownIdError, ValueError) as exc:
+        except (UnknownIdError, ValueError):
             preds = None
             for n, r in chunk:  # fall back to one by one, so one bad request does not sink the batch
                 by_line[n] = _safe(rec, r)

@@ -443,7 +443,7 @@ def summary(manifest: dict) -> str:
     after = c["after"]
     lines = [
         f"dataset      {manifest['dataset']} ({manifest['format']}), p5rec {manifest['p5rec_version']}",
-        f"source       " + ", ".join(f"{s['path']} (sha256 {s['sha256'][:12]})" for s in manifest["source"]),
+        "source       " + ", ".join(f"{s['path']} (sha256 {s['sha256'][:12]})" for s in manifest["source"]),
         f"read         {c['interactions_read']} interactions, {c['read'].get('malformed', 0)} malformed lines",
         f"cleaning     {c['duplicates']['exact_duplicates']} exact duplicates, "
         f"{c['duplicates']['repeat_interactions']} repeats removed; k-core k={manifest['k']}: "

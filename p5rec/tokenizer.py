@@ -77,7 +77,7 @@ def build_tokenizer(
     vocab: Sequence[tuple[str, float]], id_tokens: Sequence[str] = (), model_max_length: int = 512
 ) -> PreTrainedTokenizerFast:
     """Wrap a unigram vocabulary as a fast tokenizer and add ``id_tokens`` as whole, never-split tokens."""
-    from tokenizers import AddedToken, normalizers
+    from tokenizers import normalizers
     from transformers import T5Tokenizer
 
     slow_built = T5Tokenizer(vocab=list(vocab), extra_ids=0)

@@ -165,7 +165,6 @@ def prepare_data(dargs: DataArguments, seed: int):
 
 def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     """The whole job; returns the run directory."""
-    import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, set_seed
 
     from p5rec.callbacks import LearningCurveCallback
