@@ -11,40 +11,64 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-# Which metric stands for a family on the learning curve (one seen template each, on validation cases).
+# Which metric stands for a family on the learning curve (one seen template per protocol, on validation cases).
 CURVE_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "rating": "RMSE", "explanation": "ROUGE-L",
                 "review": "ROUGE-L"}
+# The protocols a family's curve follows: its headline ones, cheap enough to run at every evaluation.
+CURVE_PROTOCOLS = {"sequential": ("full ranking", "continuation"), "direct": ("candidates",),
+                   "rating": ("rating",), "explanation": ("text",), "review": ("text",)}
 
 
 class LearningCurveCallback(TrainerCallback):
-    """After each evaluation, score one seen template per family on ``n_users`` validation cases.
+    """After each evaluation, score one seen template per family and curve protocol on ``n_users`` validation
+    cases; with a sequence template trained, the sequential family is followed by both protocols.
 
-    Writes ``learning_curve.json`` in the run directory: a list of {step, epoch, eval_loss, <family>: {metric}}.
-    Cheap by construction: single-token ids rank the catalogue in one decoder step, text is greedy and short.
+    Writes ``learning_curve.json`` in the run directory: a list of {step, epoch, eval_loss, train_seconds,
+    <family>: {template, metric...}, <family>/continuation: {...}}, and puts each point's curve metric into
+    the Trainer's evaluation metrics as ``eval_<family>_<metric>`` (``eval_sequential_NDCG@10``,
+    ``eval_sequential/continuation_NDCG@10``), so ``--metric_for_best_model`` with
+    ``--load_best_model_at_end`` keeps the best checkpoint on it. Cheap by construction: single-token ids rank
+    the catalogue in one decoder step, text is greedy and short.
     """
 
     def __init__(self, run_dir, prepared, tokenizer, templates, render_config, families, n_users=200,
-                 max_source_length=128):
+                 max_source_length=128, trained=None):
         self.run_dir = Path(run_dir)
         self.prepared, self.tokenizer, self.templates = prepared, tokenizer, templates
         self.render_config, self.families, self.n_users = render_config, families, n_users
         self.max_source_length = max_source_length
+        self.trained = trained  # template ids in the training mixture (None: every seen one)
         self.points: list[dict] = []
         self._tries = None
+        self._started = None
+        self._eval_seconds = 0.0
 
-    def _probe_templates(self):
-        from p5rec.evaluation import target_kind
+    def _probe_templates(self) -> list[tuple[str, object]]:
+        """(curve key, template): the first trained template of each family and curve protocol."""
+        from p5rec.evaluation import protocol_of
 
-        chosen = {}
+        chosen: dict[str, object] = {}
         for t in self.templates:
-            if t.family in self.families and t.seen and t.family not in chosen:
-                kind = target_kind(t)
-                if (t.family in ("sequential", "direct") and kind == "item" and t.scoring == "generation") or \
-                   (t.family in ("sequential", "direct") and t.scoring == "candidate_ranking" and t.family == "direct") or \
-                   (t.family == "rating" and kind == "rating") or \
-                   (t.family in ("explanation", "review") and kind == "text"):
-                    chosen[t.family] = t
-        return list(chosen.values())
+            if t.family not in self.families or not t.seen:
+                continue
+            if self.trained is not None and t.id not in self.trained:
+                continue
+            proto = protocol_of(t)
+            wanted = CURVE_PROTOCOLS.get(t.family, ())
+            if proto not in wanted:
+                continue
+            key = t.family if proto == wanted[0] else f"{t.family}/{proto}"
+            chosen.setdefault(key, t)
+        return list(chosen.items())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resumed run keeps the curve points up to its checkpoint and continues their training clock."""
+        self._started = time.time()
+        path = self.run_dir / "learning_curve.json"
+        if state.global_step > 0 and path.exists() and not self.points:
+            self.points = [p for p in json.loads(path.read_text()) if p.get("step", 0) <= state.global_step]
+            done = [p["train_seconds"] for p in self.points if p.get("train_seconds") is not None]
+            self._started -= done[-1] if done else 0.0
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if self.n_users <= 0:
@@ -56,15 +80,20 @@ class LearningCurveCallback(TrainerCallback):
         cfg = EvalConfig(split="valid", max_cases=self.n_users, max_candidate_cases=20, batch_size=64,
                          max_new_tokens=24, max_source_length=self.max_source_length, baselines=False, progress=False)
         t0 = time.time()
-        point = {"step": state.global_step, "epoch": state.epoch,
-                 "eval_loss": (metrics or {}).get("eval_loss")}
+        elapsed = t0 - self._started if self._started else None
+        point = {"step": state.global_step, "epoch": state.epoch, "eval_loss": (metrics or {}).get("eval_loss"),
+                 "train_seconds": None if elapsed is None else round(elapsed - self._eval_seconds, 1)}
         was_training = model.training
-        for t in self._probe_templates():
+        for key, t in self._probe_templates():
             r = score_template(model, self.tokenizer, self.prepared, t, cfg, self.render_config, self._tries,
                                self.templates.family_info(t.family).data, self.templates)
-            key = CURVE_METRIC.get(t.family)
-            point[t.family] = {"template": t.id, **{k: v for k, v in r.metrics.items() if k in (key, "HR@10", "MAE", "RMSE_expected")}}
+            metric = CURVE_METRIC.get(t.family)
+            point[key] = {"template": t.id, **{k: v for k, v in r.metrics.items()
+                                                 if k in (metric, "HR@10", "MAE", "RMSE_expected")}}
+            if metrics is not None and metric in r.metrics:
+                metrics[f"eval_{key}_{metric}"] = r.metrics[metric]
         point["seconds"] = round(time.time() - t0, 1)
+        self._eval_seconds += time.time() - t0
         if was_training:
             model.train()
         self.points.append(point)

@@ -27,12 +27,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ItemTrie:
-    """Prefix trie over the token-id spelling of items; ``spell[item]`` ends with EOS."""
+    """Prefix trie over the token-id spelling of items; ``spell[item]`` ends with EOS.
+
+    ``eos_id=None`` makes a trie of bare spellings (no EOS), for items inside a sequence (the continuation
+    protocol): an item ends where its spelling does, so no spelling may be a prefix of another's
+    (collaborative ids are prefix-free by construction).
+    """
 
     spell: dict[str, tuple[int, ...]]
-    eos_id: int
+    eos_id: int | None
     children: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
     leaf: dict[tuple[int, ...], str] = field(default_factory=dict)
+    _table: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         children: dict[tuple[int, ...], set[int]] = {}
@@ -43,7 +49,17 @@ class ItemTrie:
             for i in range(len(ids)):
                 children.setdefault(ids[:i], set()).add(ids[i])
         self.children = {k: sorted(v) for k, v in children.items()}
-        self._mask_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        if self.eos_id is None:
+            inner = [ids for ids in self.leaf if ids in self.children]
+            if inner:
+                raise ValueError(f"item {self.leaf[inner[0]]!r}'s spelling {inner[0]} begins another item's: "
+                                 "items in a sequence need prefix-free spellings")
+
+    def bare(self) -> "ItemTrie":
+        """The same items spelt without EOS (items inside a sequence)."""
+        if self.eos_id is None:
+            return self
+        return ItemTrie({i: s[:-1] for i, s in self.spell.items()}, None)
 
     @classmethod
     def from_surfaces(cls, tokenizer, surfaces: dict[str, str]) -> "ItemTrie":
@@ -56,12 +72,26 @@ class ItemTrie:
     def subset(self, items: Sequence[str]) -> "ItemTrie":
         return ItemTrie({i: self.spell[i] for i in items}, self.eos_id)
 
+    def spelling(self, item: str) -> tuple[int, ...]:
+        """The item's tokens without EOS."""
+        ids = self.spell[item]
+        return ids if self.eos_id is None else ids[:-1]
+
     @property
     def single_token(self) -> bool:
-        return all(len(ids) == 2 for ids in self.spell.values())
+        n = 1 if self.eos_id is None else 2
+        return all(len(ids) == n for ids in self.spell.values())
 
     def allowed(self, prefix: tuple[int, ...]) -> list[int]:
+        if self.eos_id is None:
+            return self.children.get(prefix, [])
         return self.children.get(prefix, [self.eos_id] if prefix in self.leaf else [])
+
+    def finishes(self, prefix: tuple[int, ...], token: int) -> str | None:
+        """The item that ``prefix + (token,)`` completes, or None."""
+        if self.eos_id is None:
+            return self.leaf.get(prefix + (token,))
+        return self.leaf[prefix + (token,)] if token == self.eos_id else None
 
     def item_of(self, ids: Sequence[int]) -> str | None:
         ids = tuple(int(i) for i in ids)
@@ -72,6 +102,14 @@ class ItemTrie:
     def first_tokens(self) -> dict[int, str]:
         """For a single-token trie: token id -> item."""
         return {ids[0]: item for item, ids in self.spell.items()}
+
+    def token_table(self) -> tuple[torch.Tensor, list[str], dict[str, int]]:
+        """For a single-token trie: (token ids [n], items [n], item -> column), built once per trie."""
+        if self._table is None:
+            items = list(self.spell)
+            ids = torch.tensor([self.spell[i][0] for i in items], dtype=torch.long)
+            self._table = (ids, items, {it: c for c, it in enumerate(items)})
+        return self._table
 
 
 def _batches(sources: Sequence[str], batch_size: int, desc: str | None):
@@ -90,12 +128,41 @@ def _encode(tokenizer, texts, max_length, device):
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def token_logprobs(model, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log P(token) from ``logits`` [R, V] for ``tokens`` [R, W], normalised as the model was trained.
+
+    A model trained with ``config.item_token_range`` (p5rec.model.P5T5ForConditionalGeneration) learnt item
+    tokens under a softmax over item tokens only; those are normalised over the item tokens here too, and every
+    other token (EOS, words) over the whole vocabulary. Without the range: the whole vocabulary.
+    """
+    logits = logits.float()
+    picked = logits.gather(1, tokens)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    span = getattr(model.config, "item_token_range", None)
+    if not span:
+        return picked - lse
+    lo, hi = int(span[0]), int(span[1])
+    lse_items = torch.logsumexp(logits[:, lo:hi], dim=-1, keepdim=True)
+    return picked - torch.where((tokens >= lo) & (tokens < hi), lse_items, lse)
+
+
 @torch.no_grad()
 def first_step_logits(model, enc) -> torch.Tensor:
-    """Log-probabilities of the first decoded token, [batch, vocab]."""
+    """Logits of the first decoded token, [batch, vocab] (normalise with :func:`token_logprobs`)."""
     start = torch.full((enc["input_ids"].shape[0], 1), model.config.decoder_start_token_id, device=model.device)
-    out = model(**enc, decoder_input_ids=start)
-    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+    return _last_logits(model, enc, start, torch.zeros(len(start), dtype=torch.long, device=model.device))
+
+
+def _last_logits(model, enc, decoder_input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Logits at position ``last[b]`` of each row's decoder input, [batch, vocab], without computing the
+    vocabulary projection at the other positions (right-padded rows are exact: the decoder is causal)."""
+    hidden = model.get_encoder()(**enc).last_hidden_state
+    out = model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=hidden,
+                              encoder_attention_mask=enc["attention_mask"], use_cache=False).last_hidden_state
+    h = out[torch.arange(len(out), device=out.device), last]
+    if getattr(model.config, "scale_decoder_outputs", True):
+        h = h * (model.config.d_model**-0.5)
+    return model.lm_head(h).float()
 
 
 @torch.no_grad()
@@ -123,17 +190,13 @@ def rank_items(
     for idx, texts in _batches(sources, batch_size, desc):
         enc = _encode(tokenizer, texts, max_source_length, model.device)
         tries = [base_tries[i] if per_prompt else trie for i in idx]
+        if all(t.single_token for t in tries):
+            excl = None if exclude is None else [exclude[i] for i in idx]
+            for i, ranked in zip(idx, _top_single(model, first_step_logits(model, enc), tries, k, excl)):
+                results[i] = ranked
+            continue
         if exclude is not None:
             tries = [_without(t, exclude[i]) for t, i in zip(tries, idx)]
-        if all(t.single_token for t in tries):
-            logp = first_step_logits(model, enc)
-            for row, (i, t) in enumerate(zip(idx, tries)):
-                tok_to_item = t.first_tokens()
-                ids = torch.tensor(list(tok_to_item), dtype=torch.long)
-                top = min(k, len(ids))
-                vals, pos = torch.topk(logp[row, ids], top)
-                results[i] = [(tok_to_item[int(ids[p])], float(v)) for v, p in zip(vals, pos)]
-            continue
         if per_prompt:
             # Each prompt has its own few candidates: rank them exactly by full-sequence log-likelihood
             # (one encoder pass, teacher-forced decoder over every candidate) instead of a beam search.
@@ -144,6 +207,36 @@ def rank_items(
         for i, ranked in zip(idx, trie_beam_search(model, enc, tries, beams)):
             results[i] = ranked[:k]
     return results
+
+
+def _top_single(model, logits: torch.Tensor, tries: Sequence[ItemTrie], k: int,
+                exclude: Sequence[Sequence[str]] | None = None) -> list[list[tuple[str, float]]]:
+    """Top-``k`` of each row's single-token trie from one step's logits [rows, vocab], with log-probabilities.
+
+    Rows that share a trie are ranked in one ``topk``; ``exclude`` (items per row) is masked out.
+    """
+    out: list[list[tuple[str, float]]] = [[] for _ in tries]
+    groups: dict[int, tuple[ItemTrie, list[int]]] = {}
+    for row, t in enumerate(tries):
+        groups.setdefault(id(t), (t, []))[1].append(row)
+    for t, rows in groups.values():
+        ids, items, column = t.token_table()
+        if not items:
+            continue
+        ids = ids.to(logits.device)
+        logp = token_logprobs(model, logits[rows], ids.expand(len(rows), -1))
+        if exclude is not None:
+            r_idx, c_idx = [], []
+            for pos, r in enumerate(rows):
+                cols = [column[it] for it in exclude[r] if it in column]
+                r_idx += [pos] * len(cols)
+                c_idx += cols
+            if c_idx:
+                logp[torch.tensor(r_idx), torch.tensor(c_idx)] = float("-inf")
+        vals, pos = torch.topk(logp, min(k, len(items)), dim=1)
+        for r, v_row, p_row in zip(rows, vals.tolist(), pos.tolist()):
+            out[r] = [(items[p], v) for v, p in zip(v_row, p_row) if v != float("-inf")]
+    return out
 
 
 @torch.no_grad()
@@ -165,30 +258,40 @@ def _rank_by_loglik(model, enc, tries: Sequence[ItemTrie], k: int) -> list[list[
             labels[j, : len(ids)] = torch.tensor(ids)
         labels = labels.to(model.device)
         n = len(items)
-        logits = model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden[row : row + 1].expand(n, -1, -1)),
-            attention_mask=enc["attention_mask"][row : row + 1].expand(n, -1),
-            labels=labels,
-        ).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tok = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        score = (tok * (labels != -100)).sum(-1)
+        score = _sequence_logprob(model, BaseModelOutput(last_hidden_state=hidden[row : row + 1].expand(n, -1, -1)),
+                                  enc["attention_mask"][row : row + 1].expand(n, -1), labels)
         top = torch.topk(score, min(k, n))
         out.append([(items[int(i)], float(v)) for v, i in zip(top.values, top.indices)])
     return out
 
 
-@torch.no_grad()
-def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[list[tuple[str, float]]]:
-    """Beam search that only walks each prompt's item trie; items with their log P(spelling + EOS | prompt).
+def _sequence_logprob(model, encoder_outputs, attention_mask, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log P(labels | prompt) per row, [rows]; -100 labels are padding."""
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
+    logits = model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                   decoder_input_ids=decoder_input_ids).logits
+    rows, width = labels.shape
+    tok = token_logprobs(model, logits.reshape(rows * width, -1), labels.clamp(min=0).reshape(-1, 1))
+    return (tok.view(rows, width) * (labels != -100)).sum(-1)
 
-    Scores are exact sums of full-vocabulary log-probabilities (as ``generate`` with ``length_penalty=0``), but
-    the beam bookkeeping only touches each beam's few allowed children instead of the whole vocabulary, the
-    encoder and the cross-attention keys run once per prompt (not once per beam), and the decoder keeps its
-    cache. ``beams`` unfinished hypotheses are kept per prompt at every step; finished items are collected
-    and returned best first. With ``beams`` >= the number of items the search is exhaustive.
+
+@torch.no_grad()
+def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int,
+                     prefix: torch.Tensor | None = None) -> list[list[tuple[str, float]]]:
+    """Beam search that only walks each prompt's item trie; items with their log P(spelling [+ EOS] | prompt).
+
+    Scores are exact sums of log-probabilities normalised as the model was trained (:func:`token_logprobs`;
+    the full vocabulary for a stock T5, as ``generate`` with ``length_penalty=0``), but the beam bookkeeping
+    only touches each beam's few allowed children instead of the whole vocabulary, the encoder and the
+    cross-attention keys run once per prompt (not once per beam), the vocabulary projection runs at the last
+    position only, and the decoder keeps its cache. ``beams`` unfinished hypotheses are kept per prompt at
+    every step; finished items are collected and returned best first. With ``beams`` >= the number of items
+    the search is exhaustive.
+
+    ``prefix`` [prompts, P] (token ids, the same length for every prompt) is decoded first, after the start
+    token: the continuation protocol's history; the tries then spell items without EOS (``ItemTrie.bare``).
     """
-    from transformers.modeling_outputs import BaseModelOutput
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     device = model.device
     n_prompts, neg_inf = len(tries), float("-inf")
@@ -197,15 +300,17 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[
     rows: list[tuple[int, tuple[int, ...]] | None] = [(b, ()) for b in range(n_prompts)]  # (prompt, prefix)
     scores = torch.zeros(n_prompts, device=device)
     tokens = torch.full((n_prompts, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
-    cache = None
+    if prefix is not None and prefix.shape[1]:
+        tokens = torch.cat([tokens, prefix.to(device)], dim=1)
+    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    decoder = model.get_decoder()
+    scale = model.config.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", True) else 1.0
     finished: list[list[tuple[str, float]]] = [[] for _ in tries]
     depth = max((len(s) for t in tries for s in t.spell.values()), default=0)
     for step in range(depth):
-        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_h), attention_mask=enc_mask,
-                    decoder_input_ids=tokens, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # the full-vocabulary normaliser, read once
+        out = decoder(input_ids=tokens, encoder_hidden_states=enc_h, encoder_attention_mask=enc_mask,
+                      past_key_values=cache, use_cache=True)
+        logits = model.lm_head(out.last_hidden_state[:, -1] * scale).float()
         allowed = [tries[r[0]].allowed(r[1]) if r is not None else [] for r in rows]
         lens = np.fromiter((len(a) for a in allowed), dtype=np.int64, count=len(allowed))
         width = int(lens.max()) if len(lens) else 0
@@ -214,7 +319,7 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[
         valid = np.arange(width)[None, :] < lens[:, None]
         ids = np.zeros((len(rows), width), dtype=np.int64)
         ids[valid] = [x for a in allowed for x in a]
-        cand = scores[:, None] + logits.gather(1, torch.from_numpy(ids).to(device)) - lse
+        cand = scores[:, None] + token_logprobs(model, logits, torch.from_numpy(ids).to(device))
         cand = cand.masked_fill(~torch.from_numpy(valid).to(device), neg_inf)
         per = len(rows) // n_prompts  # rows per prompt: 1 at the first step, ``beams`` after
         top_v, top_i = cand.view(n_prompts, per * width).topk(min(2 * beams, per * width), dim=1)
@@ -226,11 +331,11 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[
                     break
                 r = b * per + flat // width
                 tok = allowed[r][flat % width]
-                prefix = rows[r][1] + (tok,)
-                if tok == trie.eos_id:
-                    finished[b].append((trie.leaf[prefix], v))
+                item = trie.finishes(rows[r][1], tok)
+                if item is not None:
+                    finished[b].append((item, v))
                     continue
-                new_rows.append((b, prefix))
+                new_rows.append((b, rows[r][1] + (tok,)))
                 src.append(r)
                 new_tok.append(tok)
                 new_scores.append(v)
@@ -238,7 +343,7 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[
             for _ in range(beams - kept):  # empty slots keep the layout rectangular
                 new_rows.append(None)
                 src.append(b * per)
-                new_tok.append(trie.eos_id)
+                new_tok.append(model.config.pad_token_id or 0)
                 new_scores.append(neg_inf)
         if all(r is None for r in new_rows):
             break
@@ -252,6 +357,74 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int) -> list[
         tokens = torch.tensor(new_tok, device=device)[:, None]
         scores = torch.tensor(new_scores, device=device)
     return [sorted(f, key=lambda x: -x[1]) for f in finished]
+
+
+@torch.no_grad()
+def continue_items(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    histories: Sequence[Sequence[str]],
+    trie: ItemTrie,
+    k: int = 20,
+    batch_size: int = 64,
+    num_beams: int | None = None,
+    exclude: Sequence[Sequence[str]] | None = None,
+    max_items: int = 49,
+    max_source_length: int = 256,
+    desc: str | None = None,
+) -> list[list[tuple[str, float]]]:
+    """Top-``k`` next items per prompt by continuing the decoder from the history: the continuation protocol.
+
+    The decoder reads the start token and then the spellings (no EOS) of the ``max_items`` most recent items of
+    each history, as a ``sequence`` template taught it to write them; the catalogue is ranked at the next
+    position. Single-token ids: one decoder pass, right-padded (exact: the decoder is causal), the top-k of the
+    item logits at each row's last position. Multi-token ids: :func:`trie_beam_search` from the history over
+    the EOS-free trie, in batches of equal history length. ``max_items`` should be the training
+    ``max_sequence`` minus one, so the ranked position is the last one a training sequence had.
+    ``exclude`` removes items (e.g. the history) from each prompt's answers. Unknown history items raise
+    ``KeyError``.
+    """
+    model.eval()
+    bare = trie.bare()
+    device = model.device
+    prefixes = []
+    for h in histories:
+        h = list(h)[-max_items:] if max_items else list(h)
+        try:
+            prefixes.append([t for item in h for t in bare.spell[item]])
+        except KeyError as e:
+            raise KeyError(f"history item {e.args[0]!r} is not in the catalogue") from None
+    order = np.lexsort(([len(s) for s in sources], [len(p) for p in prefixes]))
+    single = bare.single_token
+    results: list[list[tuple[str, float]]] = [[] for _ in sources]
+    chunks, start = [], 0
+    while start < len(order):  # batches; with multi-token ids every batch has one prefix length
+        end = min(start + batch_size, len(order))
+        if not single:
+            n0 = len(prefixes[order[start]])
+            while end > start + 1 and len(prefixes[order[end - 1]]) != n0:
+                end -= 1
+        chunks.append(order[start:end])
+        start = end
+    tty = sys.stderr.isatty()
+    for idx in tqdm(chunks, desc=desc, disable=desc is None, leave=tty, mininterval=0.5 if tty else 30):
+        enc = _encode(tokenizer, [sources[i] for i in idx], max_source_length, device)
+        lens = [len(prefixes[i]) for i in idx]
+        dec = torch.full((len(idx), 1 + max(lens)), model.config.decoder_start_token_id, dtype=torch.long)
+        for r, i in enumerate(idx):
+            dec[r, 1 : 1 + lens[r]] = torch.tensor(prefixes[i], dtype=torch.long)
+        if single:
+            logits = _last_logits(model, enc, dec.to(device), torch.tensor(lens, device=device))
+            ranked = _top_single(model, logits, [bare] * len(idx), k,
+                                 None if exclude is None else [exclude[i] for i in idx])
+        else:
+            tries = [bare if exclude is None else _without(bare, exclude[i]) for i in idx]
+            beams = min(num_beams or k, len(bare.spell))
+            ranked = [r[:k] for r in trie_beam_search(model, enc, tries, beams, prefix=dec[:, 1:])]
+        for i, r in zip(idx, ranked):
+            results[i] = r
+    return results
 
 
 def _without(trie: ItemTrie, items: Sequence[str]) -> ItemTrie:
@@ -288,13 +461,7 @@ def choice_logprobs(
         n = len(idx)
         for j in range(len(choices)):
             lab = labels[j].unsqueeze(0).expand(n, -1).contiguous().to(model.device)
-            logits = model(
-                encoder_outputs=encoder_out, attention_mask=enc["attention_mask"], labels=lab
-            ).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            mask = lab != -100
-            tok = torch.gather(logp, 2, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            out[idx, j] = (tok * mask).sum(-1).cpu().numpy()
+            out[idx, j] = _sequence_logprob(model, encoder_out, enc["attention_mask"], lab).cpu().numpy()
     return out
 
 

@@ -22,17 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+
+from p5rec import baselines, decoding, metrics
 
 logger = logging.getLogger(__name__)
 
 RANKING_KEYS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MAP@10")
-FAMILY_SPLIT = {"sequential": "sequential", "direct": "direct", "rating": "reviews", "review": "reviews",
-                "explanation": "explanation", "ranking": "sequential"}
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TemplateResult:
     invalid: int = 0
     seconds: float = 0.0
     examples: list[dict] = field(default_factory=list)
+    protocol: str = ""
 
 
 def target_kind(template) -> str:
@@ -80,8 +83,9 @@ def target_kind(template) -> str:
     return "text"
 
 
-def _records(prepared, family: str, split: str, n: int, seed: int) -> list[dict]:
-    table = prepared.family(family)[split]
+def _records(prepared, table_name: str, split: str, n: int, seed: int) -> list[dict]:
+    """``n`` seeded rows of a prepared table's split (all of them for ``n`` = 0), in table order."""
+    table = prepared.family(table_name)[split]
     if n and len(table) > n:
         idx = np.sort(np.random.default_rng(seed).choice(len(table), size=n, replace=False))
         table = table.select(idx.tolist())
@@ -95,121 +99,246 @@ def _render(template, records, prepared, render_config):
     return render_records(template, records, prepared.index, render_config, titles=titles)
 
 
+# ---------------------------------------------------------------------------------------------- protocols
+@dataclass
+class Scored:
+    """What a protocol returns for one template."""
+
+    metrics: dict[str, float]
+    n: int
+    invalid: int = 0
+    examples: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """Everything a protocol may read; each protocol declares which of the optional parts it needs."""
+
+    model: Any
+    tokenizer: Any
+    prepared: Any
+    cfg: EvalConfig
+    render_config: Any
+    tries: dict  # {"catalogue": ItemTrie over every item}, built once per run
+    table: str  # the prepared table the template's family reads (design.md §2)
+    templates: Any = None  # the TemplateSet, for protocols that score the renderer's sampled rows
+
+    @property
+    def common(self) -> dict:
+        return dict(batch_size=self.cfg.batch_size, max_source_length=self.cfg.max_source_length,
+                    desc=self.desc)
+
+    desc: str | None = None
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A way to score a template. ``needs`` says what it reads besides the model (RecBole's ``metric_need``):
+    ``records`` (split rows), ``saved candidates`` (the direct split's 100 per user), ``catalogue trie``,
+    ``sampled rows`` (the renderer's seeded questions for the split)."""
+
+    name: str
+    score: Callable[[Context, Any], Scored]
+    needs: frozenset[str]
+    doc: str
+
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register(name: str, needs: tuple[str, ...] = ()):
+    def wrap(fn):
+        if name in PROTOCOLS:
+            raise ValueError(f"protocol {name!r} registered twice")
+        PROTOCOLS[name] = Protocol(name, fn, frozenset(needs), (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def protocol_of(template, templates=None) -> str:
+    """The protocol that scores ``template``, decided once from its scoring kind and its target."""
+    scoring = template.scoring
+    if scoring == "sequence":
+        return "continuation"
+    if scoring in ("pairwise", "listwise"):
+        return scoring
+    if scoring == "candidate_ranking":
+        return "candidates"
+    kind = target_kind(template)
+    if kind == "item":
+        return "full ranking"
+    if kind == "choice":
+        return "yes/no over candidates" if _is_item_choice(template) else "choice accuracy"
+    return kind  # rating, text
+
+
 def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render_config, tries,
                    data_family: str | None = None, templates=None) -> TemplateResult:
-    """Evaluate one template on ``cfg.split``; ``tries`` caches the catalogue trie.
+    """Evaluate one template on ``cfg.split`` with its protocol (:func:`protocol_of`).
 
     ``data_family`` names the prepared table the template's family reads (the ranking family reads
-    ``sequential``); by default the template's own family. Templates whose question is sampled per case
-    (the star of "will U give k stars?", the pair of a pairwise prompt, the short list of a listwise one) are
-    scored on the rows the renderer samples for the split (``render_split``, seeded), so the model is asked
-    exactly what the protocol asks; ``templates`` (the TemplateSet) is needed for those.
+    ``sequential``); by default the template's own family. ``tries`` caches the catalogue trie. Templates
+    whose question is sampled per case (the star of "will U give k stars?", the pair of a pairwise prompt,
+    the short list of a listwise one) are scored on the rows the renderer samples for the split
+    (``render_split``, seeded), so the model is asked exactly what the protocol asks; ``templates`` (the
+    TemplateSet) is needed for those.
     """
-    from p5rec import decoding, metrics
-
     t0 = time.time()
-    kind = target_kind(template)
-    family = data_family or template.family
-    item_choice = kind == "choice" and _is_item_choice(template)
-    n_cases = cfg.max_candidate_cases if item_choice else cfg.max_cases
-    sampled = template.scoring in ("listwise", "pairwise") or (kind == "choice" and not item_choice)
-    records = [] if sampled else _records(prepared, family, cfg.split, n_cases, cfg.seed)
-    records = _attach_candidates(prepared, family, cfg.split, records)
-    desc = template.id if cfg.progress else None
-    common = dict(batch_size=cfg.batch_size, max_source_length=cfg.max_source_length, desc=desc)
-    invalid, examples = 0, []
-
-    if template.scoring in ("listwise", "pairwise") or (kind == "choice" and not item_choice):
-        rows = _sampled_rows(prepared, template, cfg, render_config, templates)
-        sources, golds = rows["source"], rows["target"]
-        if template.scoring == "listwise":
-            per = [tries["catalogue"].subset(c) for c in rows["candidates"]]
-            ranked = decoding.rank_items(model, tokenizer, sources, per, k=len(rows["candidates"][0]),
-                                         num_beams=cfg.num_beams, **common)
-            result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], rows["answer"], ks=(1, 3, 5))
-        elif template.answers_item:  # pairwise, answered with the item: which of the two the decoder ranks first
-            per = [tries["catalogue"].subset(c) for c in rows["candidates"]]
-            ranked = decoding.rank_items(model, tokenizer, sources, per, k=1, num_beams=2, **common)
-            preds = [r[0][0] if r else "" for r in ranked]
-            result = {"accuracy": float(np.mean([p == a for p, a in zip(preds, rows["answer"])]))}
-        else:
-            choices = list(template.answer_choices or ["A", "B"])
-            lp = decoding.choice_logprobs(model, tokenizer, sources, choices, batch_size=cfg.batch_size,
-                                          max_source_length=cfg.max_source_length, desc=desc)
-            preds = [choices[j] for j in lp.argmax(1)]
-            result = {"accuracy": metrics.accuracy(preds, golds)}
-            examples = [{"source": s, "target": g, "output": p} for s, g, p in list(zip(sources, golds, preds))[:3]]
-        records = sources
-    elif kind == "item" and template.scoring == "candidate_ranking":
-        rendered = _render(template, records, prepared, render_config)
-        sources = [s for s, _ in rendered]
-        per = [tries["catalogue"].subset(r["candidates"]) for r in records]
-        ranked = decoding.rank_items(model, tokenizer, sources, per, k=20, num_beams=cfg.num_beams, **common)
-        result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], [r["target"] for r in records])
-        examples = [{"source": s, "target": r["target"], "top": [i for i, _ in x[:5]]}
-                    for s, r, x in list(zip(sources, records, ranked))[:3]]
-    elif kind == "item":
-        rendered = _render(template, records, prepared, render_config)
-        sources = [s for s, _ in rendered]
-        exclude = [r.get("history", []) for r in records] if cfg.exclude_history else None
-        ranked = decoding.rank_items(model, tokenizer, sources, tries["catalogue"], k=20,
-                                     num_beams=cfg.num_beams, exclude=exclude, **common)
-        result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], [r["target"] for r in records])
-        examples = [{"source": s, "target": r["target"], "top": [i for i, _ in x[:5]]}
-                    for s, r, x in list(zip(sources, records, ranked))[:3]]
-    elif item_choice:
-        # One prompt per (case, candidate); rank candidates by log P(yes) - log P(no).
-        flat, owner = [], []
-        for ci, r in enumerate(records):
-            for cand in r["candidates"]:
-                flat.append(dict(r, item=cand, candidate=cand))
-                owner.append(ci)
-        rendered = _render(template, flat, prepared, render_config)
-        yes, no = template.answer_choices[0], template.answer_choices[1]
-        lp = decoding.choice_logprobs(model, tokenizer, [s for s, _ in rendered], [yes, no],
-                                      batch_size=cfg.batch_size * 2, max_source_length=cfg.max_source_length,
-                                      desc=desc)
-        score = lp[:, 0] - lp[:, 1]
-        owner = np.asarray(owner)
-        ranked = []
-        for ci, r in enumerate(records):
-            s = score[owner == ci]
-            order = np.argsort(-s, kind="stable")
-            ranked.append([r["candidates"][j] for j in order])
-        result = metrics.ranking_metrics(ranked, [r["target"] for r in records])
-    else:
-        rendered = _render(template, records, prepared, render_config)
-        sources, golds = [s for s, _ in rendered], [t for _, t in rendered]
-        outputs = decoding.generate_text(model, tokenizer, sources, max_new_tokens=cfg.max_new_tokens,
-                                         num_beams=cfg.text_beams, **common)
-        if kind == "rating":
-            fallback = _train_mean_rating(prepared)
-            result = metrics.rating_metrics(outputs, [float(g) for g in golds], fallback=fallback)
-            invalid = int(result.get("invalid", 0))
-            # Beside P5's greedy protocol: the expected star under the model's distribution over "1".."5",
-            # the point estimate that minimises squared error (greedy returns the mode).
-            stars = ["1", "2", "3", "4", "5"]
-            lp = decoding.choice_logprobs(model, tokenizer, sources, stars, batch_size=cfg.batch_size,
-                                          max_source_length=cfg.max_source_length)
-            p = np.exp(lp - lp.max(1, keepdims=True))
-            expected = (p / p.sum(1, keepdims=True)) @ np.arange(1, 6)
-            exp_m = metrics.rating_metrics(expected.tolist(), [float(g) for g in golds], fallback=fallback)
-            result["RMSE_expected"], result["MAE_expected"] = exp_m["RMSE"], exp_m["MAE"]
-        else:
-            orders = (2,) if family == "review" else (4,)
-            result = metrics.text_metrics(outputs, golds, bleu_orders=orders)
-        examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
+    name = protocol_of(template)
+    ctx = Context(model, tokenizer, prepared, cfg, render_config, tries, data_family or template.family,
+                  templates, desc=template.id if cfg.progress else None)
+    out = PROTOCOLS[name].score(ctx, template)
     return TemplateResult(
-        template=template.id, family=template.family, seen=template.seen, scoring=template.scoring, kind=kind,
-        metrics={k: float(v) for k, v in result.items()}, n=len(records), invalid=invalid,
-        seconds=round(time.time() - t0, 2), examples=examples,
+        template=template.id, family=template.family, seen=template.seen, scoring=template.scoring,
+        kind=target_kind(template), metrics={k: float(v) for k, v in out.metrics.items()}, n=out.n,
+        invalid=out.invalid, seconds=round(time.time() - t0, 2), examples=out.examples, protocol=name,
     )
+
+
+def _ranking_examples(sources, records, ranked) -> list[dict]:
+    return [{"source": s, "target": r["target"], "top": [i for i, _ in x[:5]]}
+            for s, r, x in list(zip(sources, records, ranked))[:3]]
+
+
+@register("full ranking", needs=("records", "catalogue trie"))
+def _full_ranking(ctx: Context, t) -> Scored:
+    """The target item among the whole catalogue: beam search restricted by the catalogue trie."""
+    records = _records(ctx.prepared, ctx.table, ctx.cfg.split, ctx.cfg.max_cases, ctx.cfg.seed)
+    sources = [s for s, _ in _render(t, records, ctx.prepared, ctx.render_config)]
+    exclude = [r.get("history", []) for r in records] if ctx.cfg.exclude_history else None
+    ranked = decoding.rank_items(ctx.model, ctx.tokenizer, sources, ctx.tries["catalogue"], k=20,
+                                 num_beams=ctx.cfg.num_beams, exclude=exclude, **ctx.common)
+    result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], [r["target"] for r in records])
+    return Scored(result, len(records), examples=_ranking_examples(sources, records, ranked))
+
+
+@register("continuation", needs=("records", "catalogue trie"))
+def _continuation(ctx: Context, t) -> Scored:
+    """The target item among the whole catalogue, ranked where the decoder continues the user's history
+    (a ``sequence`` template: the prompt names the user, the decoder reads the history's item tokens)."""
+    records = _records(ctx.prepared, ctx.table, ctx.cfg.split, ctx.cfg.max_cases, ctx.cfg.seed)
+    sources = [s for s, _ in _render(t, [dict(r, target="") for r in records], ctx.prepared, ctx.render_config)]
+    histories = [r["history"] for r in records]
+    ranked = decoding.continue_items(
+        ctx.model, ctx.tokenizer, sources, histories, ctx.tries["catalogue"], k=20, num_beams=ctx.cfg.num_beams,
+        exclude=histories if ctx.cfg.exclude_history else None,
+        max_items=max(ctx.render_config.max_sequence - 1, 0), **ctx.common)
+    result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], [r["target"] for r in records])
+    return Scored(result, len(records), examples=_ranking_examples(sources, records, ranked))
+
+
+@register("candidates", needs=("records", "saved candidates", "catalogue trie"))
+def _candidates(ctx: Context, t) -> Scored:
+    """The target among the case's saved 100 candidates (1 positive + 99 never-touched), restricted decoding."""
+    records = _records(ctx.prepared, ctx.table, ctx.cfg.split, ctx.cfg.max_cases, ctx.cfg.seed)
+    records = _attach_candidates(ctx.prepared, ctx.cfg.split, records)
+    sources = [s for s, _ in _render(t, records, ctx.prepared, ctx.render_config)]
+    per = [ctx.tries["catalogue"].subset(r["candidates"]) for r in records]
+    ranked = decoding.rank_items(ctx.model, ctx.tokenizer, sources, per, k=20, num_beams=ctx.cfg.num_beams,
+                                 **ctx.common)
+    result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], [r["target"] for r in records])
+    return Scored(result, len(records), examples=_ranking_examples(sources, records, ranked))
+
+
+@register("yes/no over candidates", needs=("records", "saved candidates"))
+def _yes_no_over_candidates(ctx: Context, t) -> Scored:
+    """One yes/no prompt per (case, saved candidate); candidates ranked by log P(yes) - log P(no)."""
+    records = _records(ctx.prepared, ctx.table, ctx.cfg.split, ctx.cfg.max_candidate_cases, ctx.cfg.seed)
+    records = _attach_candidates(ctx.prepared, ctx.cfg.split, records)
+    flat, owner = [], []
+    for ci, r in enumerate(records):
+        for cand in r["candidates"]:
+            flat.append(dict(r, item=cand, candidate=cand))
+            owner.append(ci)
+    rendered = _render(t, flat, ctx.prepared, ctx.render_config)
+    yes, no = t.answer_choices[0], t.answer_choices[1]
+    lp = decoding.choice_logprobs(ctx.model, ctx.tokenizer, [s for s, _ in rendered], [yes, no],
+                                  batch_size=ctx.cfg.batch_size * 2, max_source_length=ctx.cfg.max_source_length,
+                                  desc=ctx.desc)
+    score = lp[:, 0] - lp[:, 1]
+    owner = np.asarray(owner)
+    ranked = []
+    for ci, r in enumerate(records):
+        order = np.argsort(-score[owner == ci], kind="stable")
+        ranked.append([r["candidates"][j] for j in order])
+    return Scored(metrics.ranking_metrics(ranked, [r["target"] for r in records]), len(records))
+
+
+@register("listwise", needs=("sampled rows", "catalogue trie"))
+def _listwise(ctx: Context, t) -> Scored:
+    """The target among a short sampled list (the renderer's seeded lists), restricted decoding."""
+    rows = _sampled_rows(ctx.prepared, t, ctx.cfg, ctx.render_config, ctx.templates)
+    per = [ctx.tries["catalogue"].subset(c) for c in rows["candidates"]]
+    ranked = decoding.rank_items(ctx.model, ctx.tokenizer, rows["source"], per, k=len(rows["candidates"][0]),
+                                 num_beams=ctx.cfg.num_beams, **ctx.common)
+    result = metrics.ranking_metrics([[i for i, _ in r] for r in ranked], rows["answer"], ks=(1, 3, 5))
+    return Scored(result, len(rows["source"]))
+
+
+@register("pairwise", needs=("sampled rows", "catalogue trie"))
+def _pairwise(ctx: Context, t) -> Scored:
+    """Which of (target, one saved negative) the model picks: the item it ranks first, or its answer choice."""
+    if not t.answers_item:
+        return _choice_accuracy(ctx, t)
+    rows = _sampled_rows(ctx.prepared, t, ctx.cfg, ctx.render_config, ctx.templates)
+    per = [ctx.tries["catalogue"].subset(c) for c in rows["candidates"]]
+    ranked = decoding.rank_items(ctx.model, ctx.tokenizer, rows["source"], per, k=1, num_beams=2, **ctx.common)
+    preds = [r[0][0] if r else "" for r in ranked]
+    return Scored({"accuracy": float(np.mean([p == a for p, a in zip(preds, rows["answer"])]))},
+                  len(rows["source"]))
+
+
+@register("choice accuracy", needs=("sampled rows",))
+def _choice_accuracy(ctx: Context, t) -> Scored:
+    """Argmax over the template's answer choices (full-sequence log-likelihood of each)."""
+    rows = _sampled_rows(ctx.prepared, t, ctx.cfg, ctx.render_config, ctx.templates)
+    sources, golds = rows["source"], rows["target"]
+    choices = list(t.answer_choices or ["A", "B"])
+    lp = decoding.choice_logprobs(ctx.model, ctx.tokenizer, sources, choices, batch_size=ctx.cfg.batch_size,
+                                  max_source_length=ctx.cfg.max_source_length, desc=ctx.desc)
+    preds = [choices[j] for j in lp.argmax(1)]
+    examples = [{"source": s, "target": g, "output": p} for s, g, p in list(zip(sources, golds, preds))[:3]]
+    return Scored({"accuracy": metrics.accuracy(preds, golds)}, len(sources), examples=examples)
+
+
+def _generate(ctx: Context, t):
+    records = _records(ctx.prepared, ctx.table, ctx.cfg.split, ctx.cfg.max_cases, ctx.cfg.seed)
+    rendered = _render(t, records, ctx.prepared, ctx.render_config)
+    sources, golds = [s for s, _ in rendered], [g for _, g in rendered]
+    outputs = decoding.generate_text(ctx.model, ctx.tokenizer, sources, max_new_tokens=ctx.cfg.max_new_tokens,
+                                     num_beams=ctx.cfg.text_beams, **ctx.common)
+    examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
+    return sources, golds, outputs, examples
+
+
+@register("rating", needs=("records",))
+def _rating(ctx: Context, t) -> Scored:
+    """Greedy output parsed and clipped to [1, 5] (P5's protocol; unparsable outputs counted), and beside it
+    the expected star under the model's distribution over "1".."5" (the estimate that minimises squared error)."""
+    sources, golds, outputs, examples = _generate(ctx, t)
+    fallback = baselines.global_mean_rating(ctx.prepared.family("rating")["train"]["rating"])
+    result = metrics.rating_metrics(outputs, [float(g) for g in golds], fallback=fallback)
+    stars = ["1", "2", "3", "4", "5"]
+    lp = decoding.choice_logprobs(ctx.model, ctx.tokenizer, sources, stars, batch_size=ctx.cfg.batch_size,
+                                  max_source_length=ctx.cfg.max_source_length)
+    p = np.exp(lp - lp.max(1, keepdims=True))
+    expected = (p / p.sum(1, keepdims=True)) @ np.arange(1, 6)
+    exp_m = metrics.rating_metrics(expected.tolist(), [float(g) for g in golds], fallback=fallback)
+    result["RMSE_expected"], result["MAE_expected"] = exp_m["RMSE"], exp_m["MAE"]
+    return Scored(result, len(sources), invalid=int(result.get("invalid", 0)), examples=examples)
+
+
+@register("text", needs=("records",))
+def _text(ctx: Context, t) -> Scored:
+    """Greedy (or beam) text: BLEU-4 (BLEU-2 for review summaries), ROUGE-1/2/L."""
+    sources, golds, outputs, examples = _generate(ctx, t)
+    orders = (2,) if ctx.table == "review" else (4,)
+    return Scored(metrics.text_metrics(outputs, golds, bleu_orders=orders), len(sources), examples=examples)
 
 
 def _sampled_rows(prepared, template, cfg: EvalConfig, render_config, templates) -> dict:
     """The renderer's own rows for ``template`` on the split (seeded), capped at ``cfg.max_cases``."""
-    from dataclasses import replace
-
     from p5rec.templates import render_split
 
     if templates is None:
@@ -227,17 +356,13 @@ def _is_item_choice(template) -> bool:
     return template.family in ("sequential", "direct", "ranking") and "item" in template.variables
 
 
-def _attach_candidates(prepared, family: str, split: str, records: list[dict]) -> list[dict]:
+def _attach_candidates(prepared, split: str, records: list[dict]) -> list[dict]:
     """Give each case its saved candidates (the direct split's 1 positive + 99 negatives for that user)."""
-    if family not in ("sequential", "direct", "ranking") or (records and "candidates" in records[0]):
+    if records and "candidates" in records[0]:
         return records
     table = prepared.family("direct")[split]
     by_user = dict(zip(table["user"], table["candidates"]))
     return [dict(r, candidates=by_user[r["user"]]) for r in records if r["user"] in by_user]
-
-
-def _train_mean_rating(prepared) -> float:
-    return float(np.mean(prepared.family("rating")["train"]["rating"]))
 
 
 def build_catalogue_trie(prepared, tokenizer, id_form: str):
@@ -248,17 +373,17 @@ def build_catalogue_trie(prepared, tokenizer, id_form: str):
 
 
 def protocol(r) -> str:
-    """The protocol a template result was scored under; means are only taken within one protocol."""
-    kind, scoring = (r.kind, r.scoring) if isinstance(r, TemplateResult) else (r["kind"], r["scoring"])
-    if kind == "item":
-        return "candidates" if scoring in ("candidate_ranking", "listwise") else "full ranking"
-    if kind == "choice":
-        return "yes/no over candidates" if _metric_keys(r) & {"HR@10"} else "choice accuracy"
-    return {"pairwise": "pairwise", "rating": "rating", "text": "text"}[kind]
-
-
-def _metric_keys(r) -> set[str]:
-    return set(r.metrics if isinstance(r, TemplateResult) else r["metrics"])
+    """The protocol a template result was scored under (stored with it); means are only taken within one."""
+    if isinstance(r, TemplateResult):
+        return r.protocol
+    if r.get("protocol"):
+        return r["protocol"]
+    # results written before the protocol was stored
+    if r["kind"] == "item":
+        return "candidates" if r["scoring"] in ("candidate_ranking", "listwise") else "full ranking"
+    if r["kind"] == "choice":
+        return "yes/no over candidates" if "HR@10" in r["metrics"] else "choice accuracy"
+    return r["kind"]
 
 
 def aggregate(results: list[TemplateResult]) -> dict:
@@ -284,8 +409,6 @@ BASELINE_FOR = {("sequential", "full ranking"): "popularity", ("direct", "candid
 
 def run_baselines(prepared, cfg: EvalConfig) -> dict:
     """Baselines scored on the same split and the same cases protocol as the model."""
-    from p5rec import baselines, metrics
-
     out: dict[str, dict] = {}
     split = cfg.split
     fams = set(cfg.families)
@@ -332,42 +455,55 @@ def _counts(items) -> dict[str, int]:
 
 
 def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, prepared=None, templates=None) -> dict:
-    """Score every selected template of the run on ``cfg.split``; write results.json and results.md."""
-    import torch
+    """Score every selected template of the run on ``cfg.split``; write results.json and results.md.
 
-    from p5rec.prepare import load_prepared
-    from p5rec.templates import RenderConfig, load_templates
+    Without ``model`` the run is opened with :class:`p5rec.run.Run` (its own template files, and its prepared
+    data only if the fingerprint matches). A template counts as seen only if the run's training mixture held it.
+    A selection that matches no template is an error, not an empty report.
+    """
+    from p5rec.run import Run, open_prepared_for, run_templates
+    from p5rec.templates import RenderConfig
 
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "run_config.json").read_text())
     if model is None:
-        from transformers import AutoTokenizer, T5ForConditionalGeneration
-
-        tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
-        model = T5ForConditionalGeneration.from_pretrained(str(run_dir))
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        run = Run.open(run_dir)
+        model, tokenizer, templates = run.model, run.tokenizer, templates or run.templates
+        prepared = prepared or run.prepared()
     if prepared is None:
-        prepared = load_prepared(Path(config["prepared_dir"]))
+        manifest = run_dir / "manifest.json"
+        fp = json.loads(manifest.read_text()).get("fingerprint") if manifest.exists() else None
+        prepared = open_prepared_for(config, fp, run_dir)
     if templates is None:
-        templates = load_templates()
+        templates = run_templates(config)
     if cfg.max_source_length is None:
         cfg = replace(cfg, max_source_length=config.get("data", {}).get("max_source_length", 128))
-    render = dict(config["render"])
-    render_config = RenderConfig(**render)
+    render_config = RenderConfig(**dict(config["render"]))
     id_form = render_config.id_form
-    tries = {"catalogue": build_catalogue_trie(prepared, tokenizer, id_form)}
     data_of = {f: templates.family_info(f).data for f in templates.families}
+    unknown = [f for f in cfg.families if f not in data_of] + [t for t in cfg.templates if t not in templates]
+    if unknown:
+        raise ValueError(f"unknown families or templates {unknown}: families are {sorted(data_of)}, "
+                         "template ids are listed by `p5rec templates list`")
     chosen = [
         t for t in templates
         if t.family in cfg.families and prepared.has_family(data_of[t.family])
         and (not cfg.templates or t.id in cfg.templates)
         and _renderable(t, prepared)
     ]
+    if not chosen:
+        raise ValueError(f"nothing to evaluate: no template of {list(cfg.families)}"
+                         f"{' among ' + ','.join(cfg.templates) if cfg.templates else ''} renders on this "
+                         f"run's data ({', '.join(sorted(f for f in data_of if prepared.has_family(data_of[f])))})")
+    trained = config.get("mixture", {}).get("trained_templates")
+    tries = {"catalogue": build_catalogue_trie(prepared, tokenizer, id_form)}
     logger.info("evaluating %d templates on %s", len(chosen), cfg.split)
     results = []
     started = time.time()
     for t in chosen:
         r = score_template(model, tokenizer, prepared, t, cfg, render_config, tries, data_of[t.family], templates)
+        if trained is not None:
+            r.seen = t.id in trained
         logger.info("%-6s %-11s %-7s n=%-5d %s (%.1fs)", r.template, r.family, "seen" if r.seen else "unseen",
                     r.n, _fmt(r.metrics), r.seconds)
         results.append(r)
@@ -500,7 +636,13 @@ def _cli(args) -> int:
     if args.templates:
         cfg.templates = tuple(t.strip() for t in args.templates.split(","))
     if not (args.run / "run_config.json").exists():
-        print(f"p5rec evaluate: {args.run} is not a run directory (no run_config.json)")
+        print(f"p5rec evaluate: {args.run} is not a run directory (no run_config.json)", file=sys.stderr)
         return 2
-    evaluate_run(args.run, cfg)
+    from p5rec.run import RunError
+
+    try:
+        evaluate_run(args.run, cfg)
+    except (RunError, ValueError) as exc:
+        print(f"p5rec evaluate: {exc}", file=sys.stderr)
+        return 2
     return 0

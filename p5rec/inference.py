@@ -54,38 +54,30 @@ class Prediction:
 class P5Rec:
     """A trained p5rec run, ready to answer requests for every task family."""
 
-    def __init__(self, model, tokenizer, index, templates, render_config, max_source_length: int = 128):
+    def __init__(self, model, tokenizer, index, templates, render_config, max_source_length: int = 128,
+                 trained: set[str] | None = None, trie=None):
         from p5rec.decoding import ItemTrie
 
         self.model, self.tokenizer, self.index = model, tokenizer, index
         self.templates, self.render_config = templates, render_config
         self.max_source_length = max_source_length
-        surfaces = {raw: index.item_text(raw, render_config.id_form) for raw in index.items}
-        self.trie = ItemTrie.from_surfaces(tokenizer, surfaces)
+        self.trained = trained  # template ids of the training mixture (None: unknown, every seen template)
+        if trie is None:
+            surfaces = {raw: index.item_text(raw, render_config.id_form) for raw in index.items}
+            trie = ItemTrie.from_surfaces(tokenizer, surfaces)
+        self.trie = trie
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str | None = None) -> "P5Rec":
         """Load a run directory written by ``train.py`` (model, tokenizer, index.json, run_config.json)."""
-        import torch
-        from transformers import AutoTokenizer, T5ForConditionalGeneration
+        from p5rec.run import Run, RunError
 
-        from p5rec.indexing import Index
-        from p5rec.templates import RenderConfig, load_templates
-
-        run_dir = Path(run_dir)
-        for name in ("run_config.json", "index.json", "config.json"):
-            if not (run_dir / name).exists():
-                raise FileNotFoundError(f"{run_dir}: missing {name}; expected a run directory written by train.py")
-        config = json.loads((run_dir / "run_config.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
-        model = T5ForConditionalGeneration.from_pretrained(str(run_dir))
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
-        extra = config.get("data", {}).get("template_files")
-        templates = load_templates(paths=[Path(p) for p in extra.split(",")] if extra else None)
-        render_config = RenderConfig(**config["render"])
-        max_len = config.get("data", {}).get("max_source_length", 128)
-        return cls(model, tokenizer, Index.from_json(run_dir / "index.json"), templates, render_config, max_len)
+        try:
+            run = Run.open(run_dir, device)
+        except RunError as exc:
+            raise FileNotFoundError(str(exc)) from None
+        return cls(run.model, run.tokenizer, run.index, run.templates, run.render_config, run.max_source_length,
+                   run.trained_templates, run.trie)
 
     # ------------------------------------------------------------------ helpers
     def _check_items(self, items: Sequence[str], where: str = "") -> None:
@@ -123,26 +115,50 @@ class P5Rec:
         return {"user": "", "user_name": user_name or COLD_START_NAME}
 
     # ------------------------------------------------------------------ tasks
+    def _recommend_template(self, known_user: bool) -> str:
+        """A trained sequence template when the run has one (the continuation protocol), else DEFAULTS.
+
+        A user the run does not know cannot be written as a user token: then a template that names no user id
+        (or any, when the run renders every user anonymously)."""
+        seq = [t for t in self.templates.by_family("sequential")
+               if t.scoring == "sequence" and (self.trained is None and t.seen or t.id in (self.trained or ()))]
+        if seq:
+            usable = seq if known_user or self.render_config.anonymous_users else \
+                [t for t in self.templates.by_family("sequential")
+                 if t.scoring == "sequence" and "user" not in t.variables]
+            if usable:
+                return usable[0].id
+        return DEFAULTS["recommend"][0 if known_user else 1]
+
     def recommend_batch(self, requests: list[dict], k: int = 10, template: str | None = None,
                         exclude_history: bool = True) -> list[list[Prediction]]:
-        """Next items for each ``{"history": [...], "user": ...}``; restricted to the catalogue."""
-        from p5rec.decoding import rank_items
+        """Next items for each ``{"history": [...], "user": ...}``; restricted to the catalogue.
+
+        With a ``sequence`` template (the default when the run trained one) the decoder continues the history
+        (the continuation protocol); with a history-in-the-prompt template (2-1 ...) it answers the prompt."""
+        from p5rec.decoding import continue_items, rank_items
 
         groups: dict[str, list[int]] = {}
         for n, r in enumerate(requests):
             self._check_items(r.get("history", []), "in the history")
-            tid = template or DEFAULTS["recommend"][0 if self.known_user(r.get("user")) else 1]
+            tid = template or self._recommend_template(self.known_user(r.get("user")))
             groups.setdefault(tid, []).append(n)
         out: list[list[Prediction]] = [[] for _ in requests]
         for tid, idx in groups.items():
             t = self._template(tid, "sequential")
             recs = [dict(self._user_fields(requests[i].get("user"), requests[i].get("user_name")),
                          history=list(requests[i].get("history", []))) for i in idx]
-            if "user" in t.variables and any(not r["user"] for r in recs):
+            if "user" in t.variables and not self.render_config.anonymous_users and any(not r["user"] for r in recs):
                 raise UnknownIdError(f"template {tid} needs a known user id; use a user_name template for new users")
             exclude = [r["history"] for r in recs] if exclude_history else None
-            ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), self.trie, k=k,
-                                exclude=exclude, max_source_length=self.max_source_length)
+            if t.scoring == "sequence":
+                ranked = continue_items(self.model, self.tokenizer, self._sources(t, recs),
+                                        [r["history"] for r in recs], self.trie, k=k, exclude=exclude,
+                                        max_items=max(self.render_config.max_sequence - 1, 0),
+                                        max_source_length=self.max_source_length)
+            else:
+                ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), self.trie, k=k,
+                                    exclude=exclude, max_source_length=self.max_source_length)
             for i, r in zip(idx, ranked):
                 out[i] = [Prediction(item, score) for item, score in r]
         return out

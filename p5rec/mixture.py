@@ -37,6 +37,9 @@ class MixtureSpec:
     max_source_length: int = 128
     max_target_length: int = 32
     valid_rows_per_family: int = 200
+    # ``sequence`` templates: end the item sequence with EOS? Without it the last position learns nothing, as in
+    # SASRec; with it, the position that continuation decoding reads is taught to say "end" instead of an item.
+    sequence_eos: bool = False
 
 
 def id_tokens(index, form: str, users: bool = True) -> list[str]:
@@ -65,22 +68,35 @@ def render_family_splits(prepared, templates, render_config, families, split: st
     return concatenate_datasets(parts)
 
 
-def tokenize(ds: Dataset, tokenizer, spec: MixtureSpec, desc: str) -> Dataset:
-    """Batched tokenization: ``input_ids``, ``attention_mask``, ``labels`` (unpadded; the collator pads)."""
+def tokenize(ds: Dataset, tokenizer, spec: MixtureSpec, desc: str, sequence_templates=frozenset()) -> Dataset:
+    """Batched tokenization: ``input_ids``, ``attention_mask``, ``labels`` (unpadded; the collator pads).
+
+    Rows of ``sequence_templates`` (template ids) keep their whole item sequence (its length is bounded in items
+    by the render config's ``max_sequence``, not cut at ``max_target_length``) and end with EOS only if
+    ``spec.sequence_eos``.
+    """
 
     cut = {"source": 0, "target": 0}
+    eos = tokenizer.eos_token_id
 
     def fn(batch):
         # tokenized in full, then cut, so that every cut row is counted: a prompt cut at the end loses its most
         # recent history items and the question, which must never happen silently
         enc = tokenizer(batch["source"])
         lab = tokenizer(text_target=batch["target"])
+        is_seq = [t in sequence_templates for t in batch.get("template", [""] * len(batch["source"]))]
+        labels = []
+        for ids, seq in zip(lab["input_ids"], is_seq):
+            if seq:
+                labels.append(ids if spec.sequence_eos or ids[-1:] != [eos] else ids[:-1])
+            else:
+                cut["target"] += len(ids) > spec.max_target_length
+                labels.append(_cut(ids, spec.max_target_length))
         cut["source"] += sum(len(x) > spec.max_source_length for x in enc["input_ids"])
-        cut["target"] += sum(len(x) > spec.max_target_length for x in lab["input_ids"])
         return {
             "input_ids": [_cut(x, spec.max_source_length) for x in enc["input_ids"]],
             "attention_mask": [x[: spec.max_source_length] for x in enc["attention_mask"]],
-            "labels": [_cut(x, spec.max_target_length) for x in lab["input_ids"]],
+            "labels": labels,
         }
 
     out = ds.map(fn, batched=True, batch_size=2000, desc=desc)
@@ -136,8 +152,9 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
     corpus = _corpus(prepared, train)
     vocab = train_sentencepiece(corpus, vocab_size=spec.vocab_size, seed=render_config.seed)
     tokenizer = build_tokenizer(vocab, id_tokens(prepared.index, render_config.id_form, users=not render_config.anonymous_users))
-    train = tokenize(train, tokenizer, spec, "tokenizing train")
-    valid = tokenize(valid, tokenizer, spec, "tokenizing valid")
+    seq_ids = frozenset(t.id for t in templates if t.scoring == "sequence")
+    train = tokenize(train, tokenizer, spec, "tokenizing train", seq_ids)
+    valid = tokenize(valid, tokenizer, spec, "tokenizing valid", seq_ids)
     tmp = cache.with_name(cache.name + ".tmp")
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     train.save_to_disk(str(tmp / "train"))

@@ -12,7 +12,10 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from p5rec.tokenizer import add_id_tokens
 
@@ -39,6 +42,73 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
+    """``T5ForConditionalGeneration`` with one change, to the training loss.
+
+    With ``config.item_token_range = [lo, hi)`` (the added item tokens), a position whose label is an item token
+    is scored by a softmax over the item tokens only, and every other labelled position (EOS, words) by the full
+    vocabulary. Where the answer is an item, user and word tokens only cost time and dilute the gradient
+    (measured in bench/README.md). Logits are computed at labelled positions only, and no ``logits`` are
+    returned with such a loss. Without labels or without the range this is ``T5ForConditionalGeneration``, and
+    a saved run loads in either class.
+
+    The loss is the mean over the batch's labelled tokens, so the Trainer divides it for gradient
+    accumulation (``accepts_loss_kwargs = False``; stock T5 ignores ``num_items_in_batch`` while claiming it).
+    """
+
+    accepts_loss_kwargs = False
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
+                labels=None, use_cache=None, **kwargs):
+        span = getattr(self.config, "item_token_range", None)
+        if labels is None or not span:
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, use_cache=use_cache, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                           inputs_embeds=inputs_embeds)
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(labels)
+        hidden = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                              inputs_embeds=decoder_inputs_embeds, encoder_hidden_states=encoder_outputs[0],
+                              encoder_attention_mask=attention_mask, use_cache=False)[0]
+        if self.config.scale_decoder_outputs:
+            hidden = hidden * (self.model_dim**-0.5)
+        loss = item_softmax_loss(hidden, labels.to(hidden.device), self.lm_head.weight, span)
+        return Seq2SeqLMOutput(loss=loss, encoder_last_hidden_state=encoder_outputs[0])
+
+
+def item_softmax_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, span) -> torch.Tensor:
+    """Mean cross-entropy over labelled positions: item labels against item tokens only, others against all.
+
+    ``hidden`` [B, T, d] (already scaled as the lm head expects), ``labels`` [B, T] with -100 for no label,
+    ``weight`` the [V, d] output embedding, ``span`` the item tokens' [lo, hi).
+    """
+    lo, hi = int(span[0]), int(span[1])
+    mask = labels != -100
+    h, y = hidden[mask], labels[mask]
+    is_item = (y >= lo) & (y < hi)
+    total = hidden.new_zeros(())
+    if is_item.any():
+        total = total + F.cross_entropy(h[is_item] @ weight[lo:hi].T, y[is_item] - lo, reduction="sum")
+    if (~is_item).any():
+        total = total + F.cross_entropy(h[~is_item] @ weight.T, y[~is_item], reduction="sum")
+    return total / mask.sum().clamp(min=1)
+
+
+def item_token_range(tokenizer: PreTrainedTokenizerBase, item_tokens) -> list[int] | None:
+    """[lo, hi) of the item tokens' ids if they are contiguous (they are when added in one call), else None."""
+    ids = sorted(tokenizer.convert_tokens_to_ids(list(item_tokens)))
+    if not ids or ids[-1] - ids[0] + 1 != len(ids) or tokenizer.unk_token_id in ids:
+        return None
+    return [ids[0], ids[-1] + 1]
+
+
 def t5_config(preset: str, vocab_size: int, dropout_rate: float | None = None) -> T5Config:
     """A T5 config for ``preset`` over a vocabulary of ``vocab_size`` (pad 0, eos 1, decoder start = pad)."""
     if preset not in PRESETS:
@@ -57,10 +127,18 @@ def t5_config(preset: str, vocab_size: int, dropout_rate: float | None = None) -
     )
 
 
-def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, dropout_rate: float | None = None):
-    """A freshly initialised T5 whose vocabulary covers ``tokenizer`` (rounded up to a multiple of 8)."""
+def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, dropout_rate: float | None = None,
+                embedding_init_std: float | None = None):
+    """A freshly initialised T5 whose vocabulary covers ``tokenizer`` (rounded up to a multiple of 8).
+
+    ``embedding_init_std`` re-initialises the shared (tied) embedding with that standard deviation; HF's T5
+    default is 1.0, and with T5's output scaling by d_model^-0.5 that makes every logit start large.
+    """
     vocab_size = -(-len(tokenizer) // 8) * 8
-    model = T5ForConditionalGeneration(t5_config(preset, vocab_size, dropout_rate))
+    model = P5T5ForConditionalGeneration(t5_config(preset, vocab_size, dropout_rate))
+    if embedding_init_std is not None:
+        with torch.no_grad():
+            model.shared.weight.normal_(0.0, embedding_init_std)
     _align_generation_config(model, tokenizer)
     n = sum(p.numel() for p in model.parameters())
     logger.info("built T5 preset %r: %.2f M parameters, vocabulary %d", preset, n / 1e6, vocab_size)
@@ -83,7 +161,7 @@ def load_pretrained(path: str | Path, tokenizer: PreTrainedTokenizerBase | None 
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     added = add_id_tokens(tokenizer, id_tokens)
-    model = T5ForConditionalGeneration.from_pretrained(str(path))
+    model = P5T5ForConditionalGeneration.from_pretrained(str(path))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     _align_generation_config(model, tokenizer)

@@ -52,7 +52,14 @@ __all__ = [
     "validate",
 ]
 
-SCORING_KINDS = ("generation", "choice", "candidate_ranking", "pointwise", "pairwise", "listwise")
+SCORING_KINDS = ("generation", "choice", "candidate_ranking", "pointwise", "pairwise", "listwise", "sequence")
+# ``sequence``: the target is the user's item sequence (``{{ sequence | ids }}``) and the prompt names no item, so
+# teacher forcing gives a next-item loss at every decoder position (SASRec's training signal in P5's frame);
+# evaluated by continuing the decoder from the history (the ``continuation`` protocol)
+SEQUENCE_SCORING = "sequence"
+# fields that name items: a sequence template's source may use none of them (its target would leak into the encoder)
+ITEM_FIELDS = frozenset({"history", "history_titles", "sequence", "target", "target_title", "item", "item_title",
+                         "candidates", "candidate_titles", "ranked_candidates"})
 # scoring kinds whose target is one of a fixed set of strings: answer_choices is required
 CHOICE_SCORING = ("choice", "pointwise")
 # fields that only exist when the dataset has item metadata (titles)
@@ -165,6 +172,17 @@ def _history(r: "_Renderer", rec: dict) -> list[str]:
     return [items[h] for h in hist]
 
 
+def _sequence(r: "_Renderer", rec: dict) -> list[str]:
+    """History then target, the most recent ``max_sequence`` items: the whole known sequence of the record."""
+    seq = list(rec.get("history") or ())
+    if rec.get("target"):
+        seq.append(rec["target"])
+    if r.config.max_sequence:
+        seq = seq[-r.config.max_sequence :]
+    items = r.items
+    return [items[h] for h in seq]
+
+
 def _history_titles(r: "_Renderer", rec: dict) -> list[str]:
     hist = rec.get("history") or ()
     if r.config.title_history:
@@ -202,6 +220,7 @@ FIELDS: dict[str, tuple[str, Callable[["_Renderer", dict], Any]]] = {
     "target_title": ("title of the target item", lambda r, x: r.title(x.get("target"))),
     "history": ("list: surfaces of the most recent items, oldest first", _history),
     "history_titles": ("list: titles of the most recent items, oldest first", _history_titles),
+    "sequence": ("list: the most recent items ending with the target, oldest first (max_sequence)", _sequence),
     "candidates": ("list: candidate item surfaces", lambda r, x: list(map(r.items.__getitem__, x.get("candidates") or ()))),
     "candidate_titles": ("list: candidate titles", lambda r, x: [r.title(c) for c in x.get("candidates") or ()]),
     "ranked_candidates": ("list: candidate surfaces, target first", _ranked),
@@ -366,6 +385,14 @@ def _parse_file(path: Path, env: jinja2.Environment) -> tuple[FamilyInfo | None,
         undeclared = sorted(v for v in variables if v not in fields)
         if undeclared:
             bad(line, tid, "undeclared_field", f"uses {', '.join(undeclared)} but does not list it in 'fields'")
+        if scoring == SEQUENCE_SCORING:
+            leak = sorted(used["source"] & ITEM_FIELDS)
+            if leak:
+                bad(line, tid, "sequence_leak", f"a sequence template's source may name no item (it uses "
+                    f"{', '.join(leak)}): the decoder learns the sequence, the encoder only sees who asks")
+            if used["target"] != {"sequence"}:
+                bad(line, tid, "sequence_target", "a sequence template's target must be the item sequence, "
+                    "'{{ sequence | ids }}'")
         templates.append(
             Template(
                 id=tid, name=name, family=fam, seen=bool(seen), scoring=str(scoring),
@@ -570,6 +597,10 @@ class RenderConfig:
     id_form: str = "token"  # "token" (<i5>) or "text" (item_5), design.md §3
     max_history: int = 20  # most recent items shown (0 = all)
     renders: dict[str, int] = field(default_factory=dict)  # train renders per record, per family (default 1)
+    # ``sequence`` templates: items in the target sequence (SASRec's max_len), and training rows per user (their
+    # record is the user's whole training sequence, not one position of it)
+    max_sequence: int = 50
+    sequence_renders: int = 1
     template_weights: dict[str, float] = field(default_factory=dict)  # template id -> sampling weight (default 1)
     include_unseen: bool = False  # unseen templates are rendered only when named in template_ids or this is True
     template_ids: list[str] | None = None  # restrict to these ids (named unseen ones included)
@@ -817,7 +848,7 @@ def render_split(prepared, family: str, split: str, config: RenderConfig | None 
     keys = list(cols)
     records = [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))]
 
-    plan = _plan(chosen, n, split, family, config, rng)
+    plan = _plan(chosen, records, split, family, config, rng)
     # The loop allocates millions of small lists/dicts and no cycles: the cyclic GC would only rescan them.
     was_enabled = gc.isenabled()
     gc.disable()
@@ -872,17 +903,40 @@ def _to_dataset(out: dict[str, list]):
     return datasets.Dataset(pa.table(arrays), info=datasets.DatasetInfo(features=_features()))
 
 
-def _plan(chosen: list[Template], n: int, split: str, family: str, config: RenderConfig,
+def _plan(chosen: list[Template], records: list[dict], split: str, family: str, config: RenderConfig,
           rng: np.random.Generator) -> Iterable[tuple[int, int]]:
-    """(record index, template index) pairs in render order."""
+    """(record index, template index) pairs in render order.
+
+    Training: each record gets ``renders[family]`` templates drawn by weight among the per-record templates;
+    ``sequence`` templates render on one record per user instead (the one with the longest history, whose
+    history + target is the user's whole training sequence), ``sequence_renders`` times each.
+    """
+    n = len(records)
     if split != "train" and config.all_templates_on_eval:
         return [(i, j) for j in range(len(chosen)) for i in range(n)]
-    per = int(config.renders.get(family, 1))
-    w = np.array([float(config.template_weights.get(t.id, 1.0)) for t in chosen])
-    if per <= 0 or w.sum() <= 0:
-        return []
-    picks = rng.choice(len(chosen), size=(n, per), p=w / w.sum())
-    return [(i, int(j)) for i in range(n) for j in picks[i]]
+    plan: list[tuple[int, int]] = []
+    for is_seq, rows, per in ((False, range(n), int(config.renders.get(family, 1))),
+                              (True, None, int(config.sequence_renders))):
+        js = [j for j, t in enumerate(chosen) if (t.scoring == SEQUENCE_SCORING) == is_seq]
+        w = np.array([float(config.template_weights.get(chosen[j].id, 1.0)) for j in js])
+        if not js or per <= 0 or w.sum() <= 0:
+            continue
+        if rows is None:  # a generator of its own: adding sequence rows leaves every other row's draws alone
+            rows = _last_per_user(records)
+        gen = np.random.default_rng([config.seed, 2]) if is_seq else rng
+        picks = gen.choice(len(js), size=(len(rows), per), p=w / w.sum())
+        plan += [(i, js[int(j)]) for i, p in zip(rows, picks) for j in p]
+    return plan
+
+
+def _last_per_user(records: list[dict]) -> list[int]:
+    """Index of each user's record with the longest history (first such record), in user order of appearance."""
+    best: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        j = best.get(rec["user"])
+        if j is None or len(rec.get("history") or ()) > len(records[j].get("history") or ()):
+            best[rec["user"]] = i
+    return list(best.values())
 
 
 def _missing(v: Any) -> bool:

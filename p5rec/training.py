@@ -32,6 +32,20 @@ class ModelArguments:
     vocab_size: int = field(default=4000, metadata={"help": "SentencePiece vocabulary size (before id tokens)"})
     id_form: str = field(default="token", metadata={"help": "token: one vocab token per id; text: P5's item_123"})
     dropout_rate: Optional[float] = field(default=None, metadata={"help": "override the preset's dropout"})
+    embedding_init_std: Optional[float] = field(
+        default=None,
+        metadata={"help": "std of the shared embedding at initialisation (HF T5: 1.0); 0.1 is SASRec's scale"},
+    )
+    embedding_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "learning rate of the shared embedding relative to the rest. T5 scales the decoder output "
+                  "by d_model^-0.5 and not the input, so under Adam an embedding moves sqrt(d_model) times slower "
+                  "relative to its size than in SASRec; sqrt(d_model) restores SASRec's dynamics"},
+    )
+    item_softmax: bool = field(
+        default=False,
+        metadata={"help": "where the label is an item token, softmax over item tokens only (token id form)"},
+    )
 
     def __post_init__(self):
         from p5rec.model import PRESETS
@@ -68,6 +82,15 @@ class DataArguments:
     )
     max_review_words: int = field(default=32, metadata={"help": "review words shown in review prompts"})
     max_history: int = field(default=20, metadata={"help": "most recent items shown in a history"})
+    sequence_renders: int = field(
+        default=1,
+        metadata={"help": "training rows per user for `sequence` templates (the target is the user's item "
+                  "sequence: one row trains every position of it); 0 leaves them out"},
+    )
+    max_sequence: int = field(default=50, metadata={"help": "most recent items in a `sequence` target"})
+    sequence_eos: bool = field(
+        default=False, metadata={"help": "end `sequence` targets with EOS (teaches the last position to stop)"}
+    )
     anonymous_users: bool = field(
         default=False,
         metadata={"help": "render every user as 'a user': no user ids in prompts and no user tokens (SASRec's "
@@ -165,11 +188,12 @@ def prepare_data(dargs: DataArguments, seed: int):
 
 def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     """The whole job; returns the run directory."""
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, set_seed
 
     from p5rec.callbacks import LearningCurveCallback
     from p5rec.mixture import MixtureSpec, build_mixture, id_tokens
-    from p5rec.model import build_model, load_pretrained
+    from p5rec.model import build_model, item_token_range, load_pretrained
+    from p5rec.trainer import P5Trainer
     from p5rec.templates import RenderConfig, load_templates
 
     started = time.time()
@@ -190,6 +214,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         renders=dargs.render_counts(),
         max_review_words=dargs.max_review_words,
         anonymous_users=dargs.anonymous_users,
+        max_sequence=dargs.max_sequence,
+        sequence_renders=dargs.sequence_renders,
         template_weights={
             t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"
         },
@@ -199,6 +225,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         vocab_size=margs.vocab_size,
         max_source_length=dargs.max_source_length,
         max_target_length=dargs.max_target_length,
+        sequence_eos=dargs.sequence_eos,
     )
     cache_dir = Path(dargs.cache_dir) if dargs.cache_dir else None
     t0 = time.time()
@@ -211,7 +238,14 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         ids = id_tokens(prepared.index, margs.id_form, users=not dargs.anonymous_users)
         model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, ids)
     else:
-        model = build_model(margs.preset, tokenizer, margs.dropout_rate)
+        model = build_model(margs.preset, tokenizer, margs.dropout_rate, margs.embedding_init_std)
+    if margs.item_softmax:
+        span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
+        if span is None:
+            raise ValueError("--item_softmax needs one added token per item or id level (--id_form token)")
+        model.config.item_token_range = span
+    trained = sorted(set(train["template"]))
+    mix_info["trained_templates"] = trained
 
     _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model)
     tokenizer.save_pretrained(str(run_dir))
@@ -226,8 +260,10 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         families=spec.families,
         n_users=dargs.eval_users,
         max_source_length=dargs.max_source_length,
+        trained=set(trained),
     )
-    trainer = Seq2SeqTrainer(
+    trainer = P5Trainer(
+        embedding_lr_multiplier=margs.embedding_lr_multiplier,
         model=model,
         args=targs,
         train_dataset=train.remove_columns(text_cols),

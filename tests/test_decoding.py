@@ -122,3 +122,83 @@ def test_trie_beam_search_is_exact_when_exhaustive():
     narrow = trie_beam_search(model, enc, [trie] * len(prompts), beams=3)
     assert all(len(r) >= 3 for r in narrow)
     assert all(abs(s - truth[i]) < 1e-4 for i, s in narrow[0])
+
+
+# ------------------------------------------------------------------ continuation (sequence templates)
+def _pairs(raws):
+    return [(x, y) for x in raws for y in raws if x != y]
+
+
+def _train_alternating(model, tok, surfaces, steps=300):
+    """Teach the model item sequences that alternate two items, x y x y x y (no EOS, as a ``sequence``
+    template's target is written): the next item is always the one two items back, on half of the pairs."""
+    pairs = _pairs(list(surfaces))[::2]
+    seqs = [(surfaces[x] + surfaces[y]) * 3 for x, y in pairs]
+    enc = tok(["list the items"] * len(seqs), return_tensors="pt", padding=True)
+    labels = torch.tensor([tok(x, add_special_tokens=False).input_ids for x in seqs])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def test_continuation_oracle_ranks_the_next_item_first():
+    from p5rec.decoding import continue_items
+
+    surfaces = SINGLE
+    tok, model = _setup(surfaces)
+    _train_alternating(model, tok, surfaces)
+    # held-out pairs, histories of 2 to 4 items: reading one position off gives the wrong item
+    held_out = _pairs(list(surfaces))[1::2][:16]
+    histories = [[x, y, x, y][: 2 + j % 3] for j, (x, y) in enumerate(held_out)]
+    truth = [h[-2] for h in histories]
+    n = len(histories)
+    trie = ItemTrie.from_surfaces(tok, surfaces)
+    ranked = continue_items(model, tok, ["list the items"] * n, histories, trie, k=5, num_beams=5, batch_size=4)
+    assert [r[0][0] for r in ranked] == truth
+    assert all(len(r) == 5 and len({i for i, _ in r}) == 5 and {i for i, _ in r} <= set(surfaces) for r in ranked)
+    assert all(r == sorted(r, key=lambda x: -x[1]) for r in ranked)
+    # the history can be excluded; the answer is then never one of its items
+    ranked = continue_items(model, tok, ["list the items"] * n, histories, trie, k=12, num_beams=12,
+                            exclude=histories)
+    assert all(not {i for i, _ in r} & set(h) and len(r) == 10 for r, h in zip(ranked, histories))
+    with pytest.raises(KeyError, match="not in the catalogue"):
+        continue_items(model, tok, ["list the items"], [["nope"]], trie)
+
+
+@pytest.mark.parametrize("surfaces", [SINGLE, MULTI], ids=["single-token", "collaborative"])
+def test_continuation_is_exact(surfaces):
+    """Every item after every history comes back with log P(item's spelling | prompt, history) as teacher
+    forcing computes it, in that order: histories of several lengths, in batches smaller than the set."""
+    from p5rec.decoding import _encode, _sequence_logprob, continue_items
+
+    tok, model = _setup(surfaces)
+    model.eval()
+    trie = ItemTrie.from_surfaces(tok, surfaces)
+    bare = trie.bare()
+    raws = list(surfaces)
+    histories = [raws[j : j + 1 + j % 4] for j in range(7)]
+    prompts = ["recommend", "next one please good strings", "find the item", "yes"] * 2
+    prompts = prompts[: len(histories)]
+    got = continue_items(model, tok, prompts, histories, trie, k=len(raws), num_beams=len(raws), batch_size=3)
+    with torch.no_grad():
+        for prompt, history, ranked in zip(prompts, histories, got):
+            enc = _encode(tok, [prompt], 64, model.device)
+            hidden = (model.get_encoder()(**enc).last_hidden_state,)
+            prefix = [t for item in history for t in bare.spell[item]]
+            want = {}
+            for item in raws:
+                whole = torch.tensor([prefix + list(bare.spell[item])])
+                want[item] = float(_sequence_logprob(model, hidden, enc["attention_mask"], whole)
+                                   - _sequence_logprob(model, hidden, enc["attention_mask"], whole[:, : len(prefix)]))
+            assert [i for i, _ in ranked] == sorted(raws, key=lambda i: -want[i])
+            assert np.allclose([s for _, s in ranked], [want[i] for i, _ in ranked], atol=1e-4)
+
+
+def test_bare_trie_refuses_prefix_spellings():
+    with pytest.raises(ValueError, match="prefix-free"):
+        ItemTrie({"a": (5,), "b": (5, 6)}, eos_id=None)

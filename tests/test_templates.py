@@ -83,7 +83,7 @@ def test_template_set_api(shipped):
 # ------------------------------------------------------------------------------------------ rendering
 @pytest.mark.parametrize("split", ALL_SPLITS)
 def test_every_template_renders_on_fake_dataset(shipped, prepared, split):
-    cfg = RenderConfig(include_unseen=True, renders={f: 30 for f in shipped.families})
+    cfg = RenderConfig(include_unseen=True, renders={f: 30 for f in shipped.families}, sequence_renders=30)
     rendered = set()
     for fam in shipped.families:
         stats: dict = {}

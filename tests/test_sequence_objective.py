@@ -1,0 +1,210 @@
+"""The sequence-level objective: `sequence` templates (target = the user's item sequence, prompt names no item),
+their render plan and tokenization, the item-restricted softmax, and the embedding learning-rate group."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from p5rec import templates as T
+from p5rec.templates import RenderConfig, load_templates, render_split, validate
+
+from template_fixtures import SEQUENCES, FakePrepared
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_templates()
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return FakePrepared()
+
+
+def _sequence_templates(ts):
+    return [t for t in ts if t.scoring == "sequence"]
+
+
+def test_shipped_sequence_templates_exist_seen_and_unseen(shipped):
+    seq = _sequence_templates(shipped)
+    assert {t.family for t in seq} == {"sequential"}
+    assert any(t.seen for t in seq) and any(not t.seen for t in seq)
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize("form", ["token", "text"])
+def test_target_sequence_never_reaches_the_encoder(shipped, prepared, split, form):
+    """Every shipped sequence template, on every record: no item of the target appears in the prompt."""
+    for t in _sequence_templates(shipped):
+        cfg = RenderConfig(template_ids=[t.id], id_form=form, sequence_renders=2)
+        ds = render_split(prepared, t.family, split, cfg, shipped)
+        assert len(ds) > 0, t.id
+        for src, tgt in zip(ds["source"], ds["target"]):
+            items = tgt.replace("><", "> <").split() if form == "token" else tgt.split(" , ")
+            assert len(items) >= 2 and all(i not in src for i in items), (t.id, src, tgt)
+            assert "<i" not in src and "item_" not in src, (t.id, src)
+
+
+def test_train_renders_one_row_per_user_with_the_whole_training_sequence(shipped, prepared):
+    t = _sequence_templates(shipped)[0]
+    ds = render_split(prepared, "sequential", "train", RenderConfig(template_ids=[t.id], sequence_renders=3), shipped)
+    assert sorted(ds["user"]) == sorted(u for u in SEQUENCES for _ in range(3))
+    for user, tgt in zip(ds["user"], ds["target"]):
+        train_part = SEQUENCES[user][:-2]
+        assert tgt == "".join(f"<i{i[1:]}>" for i in train_part)
+    # max_sequence keeps the most recent items
+    ds = render_split(prepared, "sequential", "train", RenderConfig(template_ids=[t.id], max_sequence=2), shipped)
+    for user, tgt in zip(ds["user"], ds["target"]):
+        assert tgt == "".join(f"<i{i[1:]}>" for i in SEQUENCES[user][:-2][-2:])
+
+
+def test_sequence_rows_do_not_change_the_other_templates_rows(shipped, prepared):
+    """Adding sequence templates to a family leaves the rows of its per-position templates as they were."""
+    others = [t.id for t in shipped.by_family("sequential") if t.seen and t.scoring != "sequence"]
+    base = render_split(prepared, "sequential", "train", RenderConfig(template_ids=others, renders={"sequential": 3}),
+                        shipped)
+    both = render_split(prepared, "sequential", "train",
+                        RenderConfig(template_ids=others + ["2-S1"], renders={"sequential": 3}), shipped)
+    rows = [r for r in both.to_list() if r["template"] != "2-S1"]
+    assert rows == base.to_list()
+    assert sum(t == "2-S1" for t in both["template"]) == len(SEQUENCES)
+    none = render_split(prepared, "sequential", "train",
+                        RenderConfig(template_ids=others + ["2-S1"], renders={"sequential": 3}, sequence_renders=0),
+                        shipped)
+    assert none.to_list() == base.to_list()
+
+
+def _write(tmp_path, body: str):
+    path = tmp_path / "seq.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_validation_rejects_a_sequence_template_whose_prompt_names_items(tmp_path):
+    path = _write(tmp_path, """\
+        family: sequential
+        data: sequential
+        schema: {user: u, history: h, sequence: s, target: t}
+        templates:
+          - id: "x-1"
+            name: leaky
+            seen: true
+            scoring: sequence
+            fields: [user, history, sequence]
+            source: "{{ user }} had {{ history | ids }}"
+            target: "{{ sequence | ids }}"
+          - id: "x-2"
+            name: wrong_target
+            seen: true
+            scoring: sequence
+            fields: [user, target]
+            source: "{{ user }}"
+            target: "{{ target }}"
+        """)
+    problems = validate(path)
+    kinds = {(p.template, p.kind) for p in problems}
+    assert ("x-1", "sequence_leak") in kinds and ("x-2", "sequence_target") in kinds
+    leak = next(p for p in problems if p.kind == "sequence_leak")
+    assert leak.line == 5 and "history" in leak.message and str(path) in str(leak)
+
+
+def test_tokenized_sequences_keep_every_item_and_drop_eos(shipped, prepared):
+    from p5rec.mixture import MixtureSpec, tokenize
+    from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+
+    ids = [f"<i{i}>" for i in range(1, 21)]
+    tok = build_tokenizer(train_sentencepiece(["list the items interacted with oldest first"] * 50, 60), ids)
+    ds = render_split(prepared, "sequential", "train", RenderConfig(template_ids=["2-S1", "2-1"]), shipped)
+    spec = MixtureSpec(max_target_length=3)
+    out = tokenize(ds, tok, spec, "t", frozenset({"2-S1"}))
+    longest = 0
+    for row in out:
+        labels = row["labels"]
+        if row["template"] == "2-S1":
+            assert labels == tok(row["target"], add_special_tokens=False).input_ids  # whole, no EOS
+            longest = max(longest, len(labels))
+        else:
+            assert labels[-1] == tok.eos_token_id and len(labels) <= spec.max_target_length
+    assert longest > spec.max_target_length
+    with_eos = tokenize(ds, tok, MixtureSpec(sequence_eos=True), "t", frozenset({"2-S1"}))
+    assert all(r["labels"][-1] == tok.eos_token_id for r in with_eos)
+
+
+# ------------------------------------------------------------------ the item-restricted softmax
+def test_item_softmax_loss_matches_its_definition():
+    from p5rec.model import item_softmax_loss
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 4, 8), torch.randn(30, 8)
+    labels = torch.tensor([[12, 15, 1, -100], [20, 1, -100, -100]])  # items 10..24, EOS 1
+    got = item_softmax_loss(hidden, labels, weight, [10, 25])
+    terms = []
+    for b in range(2):
+        for t in range(4):
+            y = int(labels[b, t])
+            if y == -100:
+                continue
+            logits = hidden[b, t] @ weight.T
+            if 10 <= y < 25:
+                terms.append(-F.log_softmax(logits[10:25], -1)[y - 10])
+            else:
+                terms.append(-F.log_softmax(logits, -1)[y])
+    assert torch.allclose(got, torch.stack(terms).mean())
+
+
+def test_model_with_item_range_trains_on_that_loss_and_loads_as_plain_t5(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    from p5rec.model import P5T5ForConditionalGeneration, item_softmax_loss, t5_config
+
+    torch.manual_seed(0)
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
+    enc = torch.tensor([[5, 6, 1], [7, 1, 0]])
+    labels = torch.tensor([[20, 21, 22], [25, 1, -100]])
+    plain = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels).loss
+    model.config.item_token_range = [10, 30]
+    out = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels)
+    assert out.logits is None and not torch.allclose(out.loss, plain)
+    out.loss.backward()
+    assert model.shared.weight.grad is not None
+    # the same number by hand: full forward, then the restricted loss on the (scaled) decoder output
+    dec = model(input_ids=enc, attention_mask=(enc > 0).long(), decoder_input_ids=model._shift_right(labels),
+                output_hidden_states=True).decoder_hidden_states[-1] * model.config.d_model**-0.5
+    assert torch.allclose(out.loss, item_softmax_loss(dec, labels, model.lm_head.weight, [10, 30]), atol=1e-5)
+    model.save_pretrained(tmp_path)
+    again = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert again.config.item_token_range == [10, 30]
+    assert torch.allclose(again.shared.weight, model.shared.weight)
+
+
+def test_item_token_range_of_added_tokens():
+    from p5rec.model import item_token_range
+    from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+
+    users, items = [f"<u{i}>" for i in range(3)], [f"<i{i}>" for i in range(5)]
+    tok = build_tokenizer(train_sentencepiece(["a few words here"] * 20, 40), users + items)
+    lo, hi = item_token_range(tok, items)
+    assert hi - lo == 5 and tok.convert_ids_to_tokens(list(range(lo, hi))) == items
+    assert item_token_range(tok, ["<i0>", "<u1>"]) is None
+
+
+def test_embedding_gets_its_own_learning_rate(tmp_path):
+    from transformers import Seq2SeqTrainingArguments
+
+    from p5rec.model import P5T5ForConditionalGeneration, t5_config
+    from p5rec.trainer import P5Trainer
+
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to="none")
+    trainer = P5Trainer(model=model, args=args, embedding_lr_multiplier=8.0)
+    opt = trainer.create_optimizer()
+    shared = model.shared.weight
+    groups = [g for g in opt.param_groups if any(p is shared for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["params"] == [shared] and groups[0]["lr"] == pytest.approx(8e-3)
+    others = [p for g in opt.param_groups if g is not groups[0] for p in g["params"]]
+    assert len(others) + 1 == len(list(model.parameters()))
+    assert all(g["lr"] == pytest.approx(1e-3) for g in opt.param_groups if g is not groups[0])
