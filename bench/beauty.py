@@ -1,16 +1,24 @@
-"""Beauty sequential benchmark: p5rec (random / collaborative / P5's sequential ids) vs SASRec vs popularity.
+"""Sequential recommendation on P5's Beauty sequences: p5rec's rows beside SASRec and popularity, one invocation.
 
-    python bench/beauty.py --budget cpu      # the 2-core CPU configuration (< 2 h in all)
-    python bench/beauty.py --budget gpu      # the full configuration, for a GPU
+    python bench/beauty.py --budget cpu                         # every CPU row, then the table and the plot
+    python bench/beauty.py --budget cpu --rows seq-random,sasrec  # some rows
+    python bench/beauty.py --data ../shared/data/p5-sequential/sports --name sports   # any P5-format folder
+    python bench/beauty.py --table-only                         # rebuild table and plot from the JSON files
+    python bench/beauty.py --budget gpu --rows seq-random       # on a GPU: 10-minute steps, see --chunk-minutes
 
-Same leave-one-out split for every model (P5's own Beauty sequences, last item test, second-last validation),
-full-catalogue ranking over all 12,101 items, all 22,363 test users, HR@5/10 and NDCG@5/10. Each step writes
-its JSON under ``bench/results/beauty-<budget>/`` and is skipped when that file exists, so an interrupted run
-resumes where it stopped. The table is rebuilt from the JSON files at the end (``--table-only`` rebuilds it alone).
+Same leave-one-out split for every row (last item test, second-last validation), full-catalogue ranking over every
+item, every test user, HR@5/10 and NDCG@5/10 with the history's items allowed (P5's and SASRec's protocol).
+Each row writes ``bench/results/<name>-<budget>/<row>.json`` and is skipped when that file exists (delete it to
+re-run), so an interrupted invocation resumes where it stopped; a row's training resumes from its last
+checkpoint. Rows of earlier invocations stay in the table, marked with their date: rows that lose stay.
 
-What the CPU budget gives up: the ``mini`` preset, about 25 minutes of training per id strategy (3,000 steps of
-64 at about 2 steps/s: the 34.5k-token vocabulary of user and item tokens makes the softmax the main cost; well under one
-pass over P5's prompt mixture), SASRec with a capped number of epochs, and only the sequential + direct families.
+Rows:
+* ``seq-*``: the sequence-level objective (templates 2-S1/2-S2: the target is the user's item sequence, the
+  decoder learns every position; scored by continuing the decoder from the history). History-only prompts
+  (every user "a user", as SASRec sees them), single-token random ids or collaborative ids.
+* ``seq+2-1-random``: the same, trained jointly with P5's history-in-the-prompt template 2-1; both scored.
+* ``p5-*``, ``history-random``: P5's prompt objective (earlier invocations; their JSON files are kept).
+* ``sasrec``: p5rec's SASRec (full-softmax CE), early-stopped on validation within the same training budget.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -26,33 +35,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = ROOT.parent / "shared" / "data" / "p5-sequential" / "beauty"
 logger = logging.getLogger("bench.beauty")
+KEYS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10")
 
-# id strategy name -> (prepare --index, train --id_form, prompt tokens kept). Digit-string ids take ~6 tokens
-# per history item (20 items: ~140 tokens), so the text form keeps 256 prompt tokens instead of 128.
-STRATEGIES = {"random": ("random", "token", 128), "collaborative": ("collaborative", "token", 128),
-              "p5-sequential": ("sequential", "text", 256)}
-BUDGETS = {
-    "cpu": {"preset": "mini", "max_steps": 3000, "batch": 64, "sasrec_epochs": 20, "extra": []},
-    "gpu": {"preset": "small", "max_steps": 60000, "batch": 128, "sasrec_epochs": 200, "extra": ["--bf16", "true"]},
+# The sequence objective's recipe, each setting kept on a validation learning curve beside SASRec (the
+# ablations and their numbers: bench/README.md, "What makes the sequence objective learn").
+SEQUENCE_RECIPE = [
+    "--families", "sequential", "--renders", "sequential=0", "--sequence_renders", "1",
+    "--anonymous_users", "true", "--item_softmax", "true", "--embedding_init_std", "0.1",
+    "--max_sequence", "50", "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine", "--warmup_steps", "100",
+    "--weight_decay", "0", "--max_grad_norm", "0", "--adam_beta2", "0.98",
+    "--metric_for_best_model", "eval_sequential/continuation_NDCG@10", "--greater_is_better", "true",
+    "--load_best_model_at_end", "true", "--save_total_limit", "2",
+]
+ROWS = {
+    # name: index strategy, id form, extra train.py arguments, templates scored on test
+    "seq-random": dict(index="random", form="token", templates="2-S1,2-S2", score="2-S1,2-S3",
+                       args=SEQUENCE_RECIPE),
+    "seq-collaborative": dict(index="collaborative", form="token", templates="2-S1,2-S2", score="2-S1",
+                              args=SEQUENCE_RECIPE),
+    "seq+2-1-random": dict(index="random", form="token", templates="2-S1,2-S2,2-1", score="2-S1,2-1,2-13",
+                           args=SEQUENCE_RECIPE + ["--renders", "sequential=1"]),
 }
-# How the prompts are made. "p5": P5's setting (a token per user, sequential + direct families, every template
-# kind). "history": SASRec's information (no user ids: every user is "a user"), the sequential family without the
-# 100-candidate templates, larger batches; its own steps and batch per budget.
-RECIPES = {
-    "p5": {"families": "sequential,direct", "renders": "sequential=2,direct=1", "extra": []},
-    "history": {
-        "families": "sequential", "renders": "sequential=4",
-        "extra": ["--anonymous_users", "true", "--candidate_template_weight", "0"],
-        "cpu": {"batch": 256, "max_steps": 1000}, "gpu": {"batch": 256, "max_steps": 30000},
-    },
+# Training budgets: the model shape, the steps that fill the time (measured per row), the SASRec cap.
+BUDGETS = {
+    "cpu": {"model": ["--preset", "tiny", "--num_decoder_layers", "2", "--dropout_rate", "0.2",
+                      "--embedding_lr_multiplier", "8"], "batch": 256, "epochs": 40,
+            "sasrec_epochs": 200, "sasrec_seconds": 40 * 60, "extra": []},
+    "gpu": {"model": ["--preset", "mini", "--dropout_rate", "0.3", "--embedding_lr_multiplier", "11.3"],
+            "batch": 256, "epochs": 200,
+            "sasrec_epochs": 400, "sasrec_seconds": 4 * 3600, "extra": ["--bf16", "true"]},
 }
 PUBLISHED = {  # HR@5, NDCG@5, HR@10, NDCG@10 on these sequences
     "SASRec (tuned, later work)": (.0469, .0305, .0688, .0375),
+    "SASRec (best tuned, 'SASRec is still strong', 2025)": (None, None, .0921, .0531),
     "TIGER": (.0454, .0321, .0648, .0384),
     "P5 + collaborative ids (Hua et al. 2023)": (.0512, .0356, .0732, .0427),
     "P5-base as published (leaky sequential ids)": (.0508, .0379, .0664, .0429),
 }
-KEYS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10")
+# rows of earlier invocations, by file stem: how the table names them
+LEGACY = {"p5rec-random": "p5rec, P5 prompts, random ids (2-1)",
+          "p5rec-collaborative": "p5rec, P5 prompts, collaborative ids (2-1)",
+          "p5rec-p5-sequential": "p5rec, P5 prompts, P5's sequential ids as digit text (2-1)",
+          "p5rec-random-history": "p5rec, history-only P5 prompts, random ids (2-1)"}
 
 
 def run(cmd: list[str]) -> None:
@@ -60,75 +84,166 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--recipe", choices=sorted(RECIPES), default="p5")
-    ap.add_argument("--data", type=Path, default=BEAUTY)
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    recipe = RECIPES[args.recipe]
-    b = {**BUDGETS[args.budget], **recipe.get(args.budget, {})}
-    suffix = "" if args.recipe == "p5" else f"-{args.recipe}"
-    out = ROOT / "bench" / "results" / f"beauty-{args.budget}"
-    out.mkdir(parents=True, exist_ok=True)
-    work = ROOT / "runs" / f"beauty-{args.budget}"
-    py = sys.executable
-    if not args.table_only:
-        for name in args.strategies.split(","):
-            index, form, source_len = STRATEGIES[name]
-            prepared = work / f"prepared-{index}"
-            if not (prepared / "manifest.json").exists():
-                run([py, "-m", "p5rec.cli", "data", "prepare", "--path", str(args.data), "--format", "p5seq",
-                     "--index", index, "--out", str(prepared)])
-            result = out / f"p5rec-{name}{suffix}.json"
-            if result.exists():
-                continue
-            run_dir = work / f"p5rec-{name}{suffix}"
-            if not (run_dir / "train_results.json").exists():  # else trained already: only evaluate again
-                run([py, "train.py", "--prepared_dir", str(prepared), "--families", recipe["families"],
-                     "--renders", recipe["renders"], *recipe["extra"], "--preset", b["preset"], "--id_form", form,
-                     "--max_source_length", str(source_len),
-                     "--max_steps", str(b["max_steps"]), "--per_device_train_batch_size", str(b["batch"]),
-                     "--eval_steps", str(b["max_steps"] // 5), "--save_steps", str(b["max_steps"] // 5),
-                     "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *b["extra"]])
-            t0 = time.time()
-            run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential",
-                 "--templates", "2-1,2-13", "--max-users", "0"])
-            report = json.loads((run_dir / "results.json").read_text())
-            train_wall = json.loads((run_dir / "run_config.json").read_text())["wall_clock_seconds"]
-            report["wall_clock_seconds"] = round(train_wall + time.time() - t0, 1)  # train.py + evaluation
-            report["recipe"] = {"name": args.recipe, **recipe, "budget": args.budget, **b}
-            result.write_text(json.dumps(report, indent=2))
-        prepared = work / "prepared-random"
-        if not (out / "sasrec.json").exists():
-            run([py, "bench/sasrec.py", "--prepared", str(prepared), "--epochs", str(b["sasrec_epochs"]),
-                 "--threads", "2", "--out", str(out / "sasrec.json")])
-    (out / "README.md").write_text(table(out))
-    print((out / "README.md").read_text())
+def steps_per_epoch(prepared: Path, batch: int) -> int:
+    """Training rows of the sequence recipe are one per user with a training sequence of 2+ items."""
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    users = manifest["families"]["sequential"]["splits"]["valid"]
+    return math.ceil(users / batch)
+
+
+def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path, out: Path, py: str,
+                    chunk_minutes: float | None) -> None:
+    prepared = work / f"prepared-{spec['index']}"
+    if not (prepared / "manifest.json").exists():
+        run([py, "-m", "p5rec.cli", "data", "prepare", "--path", str(data), "--format", "p5seq",
+             "--index", spec["index"], "--out", str(prepared)])
+    run_dir = work / name
+    per_epoch = steps_per_epoch(prepared, budget["batch"])
+    steps = per_epoch * budget["epochs"]
+    every = per_epoch * 2
+    if not (run_dir / "train_results.json").exists():
+        args = [py, "train.py", "--prepared_dir", str(prepared), *spec["args"], "--templates", spec["templates"],
+                *budget["model"], "--id_form", spec["form"], "--per_device_train_batch_size", str(budget["batch"]),
+                "--per_device_eval_batch_size", "512", "--max_steps", str(steps), "--eval_steps", str(every),
+                "--save_steps", str(every), "--logging_steps", str(per_epoch), "--eval_users", "100000",
+                "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *budget["extra"]]
+        checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if checkpoints:
+            args += ["--resume_from_checkpoint", str(checkpoints[-1])]
+        if chunk_minutes:  # a GPU lease runs at most 10 minutes a command: stop, checkpoint, come back
+            args = ["timeout", "--signal=INT", f"{int(chunk_minutes * 60)}"] + args
+        run(args)
+    t0 = time.time()
+    run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential",
+         "--templates", spec["score"], "--max-users", "0", "--batch-size", "256", "--no-sasrec"])
+    report = json.loads((run_dir / "results.json").read_text())
+    config = json.loads((run_dir / "run_config.json").read_text())
+    trained = json.loads((run_dir / "train_results.json").read_text())
+    report.update(
+        row=name, budget=budget, spec=spec, invocation=INVOCATION,
+        train_seconds=trained.get("train_runtime"), test_seconds=round(time.time() - t0, 1),
+        learning_curve=json.loads((run_dir / "learning_curve.json").read_text()),
+        run_config=config,
+    )
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+
+
+def sasrec(budget: dict, work: Path, out: Path, py: str) -> None:
+    prepared = work / "prepared-random"
+    run([py, "bench/sasrec.py", "--prepared", str(prepared), "--epochs", str(budget["sasrec_epochs"]),
+         "--max-seconds", str(budget["sasrec_seconds"]), "--threads", "2", "--out", str(out / "sasrec.json")])
+    s = json.loads((out / "sasrec.json").read_text())
+    s["invocation"] = INVOCATION
+    (out / "sasrec.json").write_text(json.dumps(s, indent=2))
 
 
 def table(out: Path) -> str:
+    """The table from every JSON file in ``out``: p5rec rows (each scored template), popularity, SASRec."""
     rows, pop = [], None
-    for f in sorted(out.glob("p5rec-*.json")):
+    for f in sorted(out.glob("*.json")):
         r = json.loads(f.read_text())
-        m = r["templates"]["2-1"]["metrics"]
-        name = f.stem[len("p5rec-"):]
-        label = f"p5rec {name.removesuffix('-history')} ids" + (", history recipe" if name.endswith("-history") else "")
-        rows.append((f"{label} (2-1)", [m[k] for k in KEYS], r.get("wall_clock_seconds")))
+        if f.stem.startswith("sasrec"):
+            m = r["metrics"]["no_exclusion"]
+            when = r.get("invocation", f.stem.removeprefix("sasrec-") or "earlier invocation")
+            label = f"SASRec (p5rec's, full-softmax CE, {r.get('epochs_run')} epochs, best {r.get('best_epoch')})"
+            rows.append((label, [m[k] for k in KEYS], r.get("wall_seconds", {}).get("fit"), when))
+            continue
+        if "templates" not in r:
+            continue
+        when = r.get("invocation", "earlier invocation")
+        label = LEGACY.get(f.stem, f"p5rec {r.get('row', f.stem)}")
+        train_s = r.get("train_seconds") or r.get("wall_clock_seconds")
+        for tid, t in r["templates"].items():
+            proto = t.get("protocol") or ("full ranking" if t["kind"] == "item" else t["kind"])
+            seen = "" if t.get("seen", True) else ", unseen"
+            rows.append((f"{label}: {tid} ({proto}{seen})", [t["metrics"][k] for k in KEYS], train_s, when))
         pop = pop or r["baselines"].get("sequential", {}).get("popularity")
     if pop:
-        rows.append(("popularity", [pop[k] for k in KEYS], None))
-    if (out / "sasrec.json").exists():
-        s = json.loads((out / "sasrec.json").read_text())
-        m = s["metrics"]["no_exclusion"] if "metrics" in s else s["no_exclusion"]
-        rows.append(("SASRec (CE, p5rec implementation)", [m[k] for k in KEYS], s.get("wall_seconds", {}).get("total")))
-    lines = ["| model | HR@5 | NDCG@5 | HR@10 | NDCG@10 | seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {s or ''} |" for n, vals, s in rows]
-    lines += [f"| {n} (published) | " + " | ".join(f"{v:.4f}" for v in vals) + " | |" for n, vals in PUBLISHED.items()]
+        rows.append(("popularity", [pop[k] for k in KEYS], None, ""))
+    lines = ["| model | HR@5 | NDCG@5 | HR@10 | NDCG@10 | training s | run |", "|---|---|---|---|---|---|---|"]
+    for n, vals, secs, when in rows:
+        cells = " | ".join(f"{v:.4f}" for v in vals)
+        lines.append(f"| {n} | {cells} | {'' if secs is None else round(secs)} | {when} |")
+    for n, vals in PUBLISHED.items():
+        cells = " | ".join("–" if v is None else f"{v:.4f}" for v in vals)
+        lines.append(f"| {n} (published) | {cells} | | |")
     return "\n".join(lines) + "\n"
+
+
+def plot(out: Path) -> Path | None:
+    """Validation NDCG@10 against training seconds, for every p5rec row of this kind and SASRec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for f in sorted(out.glob("*.json")):
+        r = json.loads(f.read_text())
+        if f.stem.startswith("sasrec") and r.get("curve"):
+            pts = r["curve"]
+            ax.plot([p["train_seconds"] for p in pts], [p["valid_NDCG@10"] for p in pts], "k-", label="SASRec")
+            drawn += 1
+        for key, style in (("sequential/continuation", "-"), ("sequential", "--")):
+            pts = [p for p in r.get("learning_curve", []) if key in p and p.get("train_seconds") is not None]
+            if pts:
+                tid = pts[0][key]["template"]
+                ax.plot([p["train_seconds"] for p in pts], [p[key]["NDCG@10"] for p in pts], style,
+                        label=f"p5rec {r.get('row', f.stem)}: {tid}")
+                drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("training seconds (validation excluded)")
+    ax.set_ylabel("validation NDCG@10 (all validation users)")
+    ax.set_title(f"{out.name}: next-item ranking over the whole catalogue")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "validation-ndcg10.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+INVOCATION = time.strftime("%Y-%m-%d")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    ap.add_argument("--rows", default=",".join([*ROWS, "sasrec"]), help=f"of {', '.join([*ROWS, 'sasrec'])}")
+    ap.add_argument("--data", type=Path, default=BEAUTY, help="a P5-format folder (sequential_data.txt)")
+    ap.add_argument("--name", default="beauty", help="names the results folder: bench/results/<name>-<budget>")
+    ap.add_argument("--chunk-minutes", type=float, default=None,
+                    help="stop training after this many minutes (checkpointed); run again to continue")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    budget = BUDGETS[args.budget]
+    out = ROOT / "bench" / "results" / f"{args.name}-{args.budget}"
+    out.mkdir(parents=True, exist_ok=True)
+    work = ROOT / "runs" / f"{args.name}-{args.budget}"
+    if not args.table_only:
+        for name in args.rows.split(","):
+            if (out / f"{name}.json").exists():
+                logger.info("%s: done already (%s); delete it to run again", name, out / f"{name}.json")
+                continue
+            if name == "sasrec":
+                if not (work / "prepared-random" / "manifest.json").exists():
+                    run([sys.executable, "-m", "p5rec.cli", "data", "prepare", "--path", str(args.data), "--format",
+                         "p5seq", "--index", "random", "--out", str(work / "prepared-random")])
+                sasrec(budget, work, out, sys.executable)
+            elif name in ROWS:
+                train_and_score(name, ROWS[name], budget, args.data, work, out, sys.executable, args.chunk_minutes)
+            else:
+                raise SystemExit(f"unknown row {name!r}; choose from {', '.join([*ROWS, 'sasrec'])}")
+    (out / "README.md").write_text(table(out))
+    print((out / "README.md").read_text())
+    png = plot(out)
+    if png:
+        print(f"plot: {png}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ CONFIGS = {
 }
 # (family, protocol, metrics shown, baseline family, baseline names)
 ROWS = [
-    ("sequential", "full ranking", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "sequential", ["popularity"]),
+    ("sequential", "continuation", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "sequential", ["popularity", "SASRec"]),
+    ("sequential", "full ranking", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "sequential", ["popularity", "SASRec"]),
     ("direct", "candidates", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "direct", ["popularity"]),
     ("direct", "yes/no over candidates", ["HR@10", "NDCG@10"], "direct", ["popularity"]),
     ("rating", "rating", ["RMSE", "MAE"], "rating", ["global mean", "biased MF"]),

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--batch", type=int, default=defaults.batch)
     p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--max-seconds", type=float, default=None, help="training time budget (validation excluded)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     config = S.SASRecConfig(hidden=args.hidden, blocks=args.blocks, heads=args.heads, dropout=args.dropout,
                             max_len=args.max_len, lr=args.lr, batch=args.batch, epochs=args.epochs,
-                            seed=args.seed, loss=args.loss, device=args.device, patience=args.patience)
+                            seed=args.seed, loss=args.loss, device=args.device, patience=args.patience,
+                            max_seconds=args.max_seconds)
     dd = datasets.load_from_disk(str(Path(args.prepared) / "sequential"))
     if args.max_users:
         dd = _first_users(dd, args.max_users)
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs_run": model.epochs_run,
         "best_epoch": model.best_epoch,
         "best_valid_ndcg10": model.best_valid_ndcg10,
+        "curve": model.curve,
         "config": dataclasses.asdict(config),
         "max_users": args.max_users,
         "wall_seconds": {"fit": round(t_fit, 2), "total": round(t_total, 2)},

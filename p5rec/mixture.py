@@ -109,6 +109,20 @@ def tokenize(ds: Dataset, tokenizer, spec: MixtureSpec, desc: str, sequence_temp
     return out
 
 
+def row_lengths(ds: Dataset):
+    """Prompt plus target tokens of every row (numpy), read from Arrow without decoding the rows: what a
+    training step's cost grows with, for length-grouped batches."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    src = pc.list_value_length(ds.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    tgt = pc.list_value_length(ds.data.column("labels")).to_numpy(zero_copy_only=False)
+    if ds._indices is not None:  # a selection or shuffle of the table
+        idx = ds._indices.column(0).to_numpy()
+        src, tgt = src[idx], tgt[idx]
+    return (src + tgt).astype(np.int64)
+
+
 def _cut(ids: list[int], limit: int) -> list[int]:
     """Keep at most ``limit`` tokens, the last one being EOS as the tokenizer's own truncation does."""
     return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]

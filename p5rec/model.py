@@ -109,11 +109,18 @@ def item_token_range(tokenizer: PreTrainedTokenizerBase, item_tokens) -> list[in
     return [ids[0], ids[-1] + 1]
 
 
-def t5_config(preset: str, vocab_size: int, dropout_rate: float | None = None) -> T5Config:
-    """A T5 config for ``preset`` over a vocabulary of ``vocab_size`` (pad 0, eos 1, decoder start = pad)."""
+def t5_config(preset: str, vocab_size: int, dropout_rate: float | None = None, **shape_overrides) -> T5Config:
+    """A T5 config for ``preset`` over a vocabulary of ``vocab_size`` (pad 0, eos 1, decoder start = pad).
+
+    ``shape_overrides`` replace fields of the preset (d_model, d_ff, num_layers, num_decoder_layers,
+    num_heads, d_kv); None values are ignored."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     shape = asdict(PRESETS[preset])
+    unknown = set(shape_overrides) - set(shape)
+    if unknown:
+        raise ValueError(f"unknown model shape fields {sorted(unknown)}; known: {sorted(shape)}")
+    shape.update({k: v for k, v in shape_overrides.items() if v is not None})
     if dropout_rate is not None:
         shape["dropout_rate"] = dropout_rate
     return T5Config(
@@ -128,14 +135,14 @@ def t5_config(preset: str, vocab_size: int, dropout_rate: float | None = None) -
 
 
 def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, dropout_rate: float | None = None,
-                embedding_init_std: float | None = None):
+                embedding_init_std: float | None = None, **shape_overrides):
     """A freshly initialised T5 whose vocabulary covers ``tokenizer`` (rounded up to a multiple of 8).
 
     ``embedding_init_std`` re-initialises the shared (tied) embedding with that standard deviation; HF's T5
     default is 1.0, and with T5's output scaling by d_model^-0.5 that makes every logit start large.
     """
     vocab_size = -(-len(tokenizer) // 8) * 8
-    model = P5T5ForConditionalGeneration(t5_config(preset, vocab_size, dropout_rate))
+    model = P5T5ForConditionalGeneration(t5_config(preset, vocab_size, dropout_rate, **shape_overrides))
     if embedding_init_std is not None:
         with torch.no_grad():
             model.shared.weight.normal_(0.0, embedding_init_std)

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class SASRecConfig:
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping (only with valid data)
     eval_every: int = 1  # validate every this many epochs
     eval_batch: int = 1024  # histories per scoring step in recommend / validation
+    max_seconds: float | None = None  # stop after the epoch in which training time (validation excluded) passes this
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "bce"):
@@ -320,8 +322,11 @@ def fit(
                                  weight_decay=config.weight_decay)
 
     best_score, best_state, best_epoch, bad_rounds = -1.0, None, 0, 0
+    curve: list[dict[str, float]] = []  # per validated epoch: training seconds (validation excluded), metrics
+    train_seconds, t_epoch = 0.0, time.perf_counter()
     bar = tqdm(range(1, config.epochs + 1), desc="SASRec", unit="epoch", disable=None)
     for epoch in bar:
+        t_epoch = time.perf_counter()
         model.train()
         order = torch.randperm(len(data), generator=generator)
         total, count = 0.0, 0
@@ -336,13 +341,18 @@ def fit(
             n = int((batch[:, 1:] != 0).sum())
             total, count = total + loss.item() * n, count + n
         epoch_loss = total / max(count, 1)
+        train_seconds += time.perf_counter() - t_epoch
         postfix = {"loss": f"{epoch_loss:.4f}"}
         log_valid = ""
         if valid is not None and epoch % config.eval_every == 0:
             ranked = recommend(model, vocab, valid[0], k=10, exclude_history=True)
             score = ranking_metrics(ranked, list(valid[1]), ks=(10,))["NDCG@10"]
+            plain = ranking_metrics(recommend(model, vocab, valid[0], k=10), list(valid[1]), ks=(10,))
+            curve.append({"epoch": epoch, "train_seconds": round(train_seconds, 1), "loss": round(epoch_loss, 4),
+                          "valid_NDCG@10_exclude_history": score, "valid_NDCG@10": plain["NDCG@10"],
+                          "valid_HR@10": plain["HR@10"]})
             postfix["val_ndcg10"] = f"{score:.4f}"
-            log_valid = f", valid NDCG@10 {score:.4f}"
+            log_valid = f", valid NDCG@10 {score:.4f} ({plain['NDCG@10']:.4f} with history items)"
             if score > best_score:
                 best_score, best_epoch, bad_rounds = score, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -354,6 +364,9 @@ def fit(
             logger.info("SASRec: early stop at epoch %d (best valid NDCG@10 %.4f at epoch %d)",
                         epoch, best_score, best_epoch)
             break
+        if config.max_seconds is not None and train_seconds >= config.max_seconds:
+            logger.info("SASRec: training budget of %.0f s spent at epoch %d", config.max_seconds, epoch)
+            break
     bar.close()
     model.epochs_run = epoch
     if best_state is not None:
@@ -362,6 +375,7 @@ def fit(
     # plain attributes for reports (not part of the state dict): epochs trained, best epoch on valid
     model.best_epoch = best_epoch
     model.best_valid_ndcg10 = best_score if best_state is not None else None
+    model.curve = curve
     return model, vocab
 
 

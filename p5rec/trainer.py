@@ -10,17 +10,50 @@ Measured in bench/README.md ("What makes the sequence objective learn").
 
 from __future__ import annotations
 
+import torch
 from transformers import Seq2SeqTrainer
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+# Length-grouped batches are drawn from mega-batches of this many batches (HF's sampler uses 50). Sorting fewer
+# rows together keeps batches more mixed: on Beauty's sequence objective, 8 learnt 10 % more per second than 50
+# at the same speed, and both twice as fast as unsorted batches (bench/README.md).
+MEGA_BATCHES = 8
+
+
+class GroupedByLength(torch.utils.data.Sampler):
+    """HF's length-grouped order (random mega-batches, each sorted by length, the longest batch first) with
+    ``MEGA_BATCHES`` batches per mega-batch; randomness from torch's global generator, as HF's sampler."""
+
+    def __init__(self, lengths, batch_size: int, mega_batches: int = MEGA_BATCHES):
+        self.lengths, self.batch_size, self.mega = list(lengths), batch_size, mega_batches
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=self.mega))
 
 
 class P5Trainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` whose optimizer gives the shared (tied) embedding ``embedding_lr_multiplier`` times
     the learning rate, in a parameter group of its own; the schedule scales every group alike. Resuming
-    needs the same multiplier (the optimizer state is saved per group)."""
+    needs the same multiplier (the optimizer state is saved per group).
 
-    def __init__(self, *args, embedding_lr_multiplier: float = 1.0, **kwargs):
+    ``train_lengths`` (one per training row) drive ``train_sampling_strategy="group_by_length"``: the
+    Trainer would measure the prompt alone, which is the same for every sequence row whose target length
+    varies (and it reads the dataset row by row to do so).
+    """
+
+    def __init__(self, *args, embedding_lr_multiplier: float = 1.0, train_lengths=None, **kwargs):
         self.embedding_lr_multiplier = float(embedding_lr_multiplier)
+        self.train_lengths = None if train_lengths is None else list(train_lengths)
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length" and self.train_lengths is not None:
+            return GroupedByLength(self.train_lengths,
+                                   self.args.train_batch_size * self.args.gradient_accumulation_steps)
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

@@ -32,6 +32,11 @@ class ModelArguments:
     vocab_size: int = field(default=4000, metadata={"help": "SentencePiece vocabulary size (before id tokens)"})
     id_form: str = field(default="token", metadata={"help": "token: one vocab token per id; text: P5's item_123"})
     dropout_rate: Optional[float] = field(default=None, metadata={"help": "override the preset's dropout"})
+    d_model: Optional[int] = field(default=None, metadata={"help": "override the preset's width"})
+    d_ff: Optional[int] = field(default=None, metadata={"help": "override the preset's feed-forward width"})
+    num_layers: Optional[int] = field(default=None, metadata={"help": "override the preset's encoder layers"})
+    num_decoder_layers: Optional[int] = field(default=None, metadata={"help": "override the preset's decoder layers"})
+    num_heads: Optional[int] = field(default=None, metadata={"help": "override the preset's attention heads"})
     embedding_init_std: Optional[float] = field(
         default=None,
         metadata={"help": "std of the shared embedding at initialisation (HF T5: 1.0); 0.1 is SASRec's scale"},
@@ -46,6 +51,10 @@ class ModelArguments:
         default=False,
         metadata={"help": "where the label is an item token, softmax over item tokens only (token id form)"},
     )
+
+    def shape_overrides(self) -> dict:
+        names = ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def __post_init__(self):
         from p5rec.model import PRESETS
@@ -99,6 +108,10 @@ class DataArguments:
     max_source_length: int = field(default=128, metadata={"help": "prompt tokens kept"})
     max_target_length: int = field(default=32, metadata={"help": "target tokens kept"})
     template_files: Optional[str] = field(default=None, metadata={"help": "extra templates.yaml files, comma-separated"})
+    templates: Optional[str] = field(
+        default=None,
+        metadata={"help": "template ids to train, comma-separated (default: every seen template of --families)"},
+    )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "prepared data and tokenized mixture cache"})
     eval_users: int = field(default=200, metadata={"help": "validation users/rows per family for the learning curve"})
     test_max_cases: int = field(
@@ -108,10 +121,16 @@ class DataArguments:
         default=200, metadata={"help": "users for yes/no-per-candidate templates (each costs 100 prompts; 0: all)"}
     )
     skip_test: bool = field(default=False, metadata={"help": "train only; evaluate later with `p5rec evaluate`"})
+    sasrec_baseline: bool = field(
+        default=True, metadata={"help": "train SASRec on the same split as the sequential family's baseline"}
+    )
 
     def __post_init__(self):
         if self.index not in ("random", "sequential", "collaborative"):
             raise ValueError(f"--index {self.index!r}: choose random, sequential or collaborative")
+
+    def template_list(self) -> list[str] | None:
+        return [t.strip() for t in self.templates.split(",") if t.strip()] if self.templates else None
 
     def family_list(self) -> tuple[str, ...]:
         return tuple(f.strip() for f in self.families.split(",") if f.strip())
@@ -191,7 +210,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     from p5rec.callbacks import LearningCurveCallback
-    from p5rec.mixture import MixtureSpec, build_mixture, id_tokens
+    from p5rec.mixture import MixtureSpec, build_mixture, id_tokens, row_lengths
     from p5rec.model import build_model, item_token_range, load_pretrained
     from p5rec.trainer import P5Trainer
     from p5rec.templates import RenderConfig, load_templates
@@ -207,6 +226,9 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     prepared = prepare_data(dargs, targs.seed)
     extra = [Path(p) for p in dargs.template_files.split(",")] if dargs.template_files else None
     templates = load_templates(paths=extra)
+    unknown = [t for t in dargs.template_list() or () if t not in templates]
+    if unknown:
+        raise ValueError(f"--templates: unknown template ids {unknown} (see `p5rec templates list`)")
     render_config = RenderConfig(
         seed=targs.seed,
         id_form=margs.id_form,
@@ -216,6 +238,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         anonymous_users=dargs.anonymous_users,
         max_sequence=dargs.max_sequence,
         sequence_renders=dargs.sequence_renders,
+        template_ids=dargs.template_list(),
         template_weights={
             t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"
         },
@@ -238,7 +261,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         ids = id_tokens(prepared.index, margs.id_form, users=not dargs.anonymous_users)
         model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, ids)
     else:
-        model = build_model(margs.preset, tokenizer, margs.dropout_rate, margs.embedding_init_std)
+        model = build_model(margs.preset, tokenizer, margs.dropout_rate, margs.embedding_init_std,
+                            **margs.shape_overrides())
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
         if span is None:
@@ -264,6 +288,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     )
     trainer = P5Trainer(
         embedding_lr_multiplier=margs.embedding_lr_multiplier,
+        train_lengths=row_lengths(train),
         model=model,
         args=targs,
         train_dataset=train.remove_columns(text_cols),
@@ -291,6 +316,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
                 batch_size=targs.per_device_eval_batch_size,
                 max_source_length=dargs.max_source_length,
                 seed=targs.seed,
+                sasrec=dargs.sasrec_baseline,
             ),
             model=model,
             tokenizer=tokenizer,
