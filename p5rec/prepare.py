@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 import p5rec
 from p5rec import explain, preprocess, splits
+from p5rec.argtypes import int_at_least
 from p5rec.indexing import STRATEGIES, Index, fit_index
 from p5rec.preprocess import PreprocessError
 
@@ -358,7 +359,7 @@ class PreparedDataset:
             raise KeyError(f"family {name!r} was not prepared for {self.path}: {self.manifest['skipped'][name]}")
         sub = self.manifest["families"][name]["dir"]
         if sub not in self._cache:
-            self._cache[sub] = datasets.load_from_disk(str(self.path / sub))
+            self._cache[sub] = _load_table(self.path / sub)
         return self._cache[sub]
 
     def has_family(self, name: str) -> bool:
@@ -385,15 +386,64 @@ class PreparedDataset:
         return {it: int(counts.get(it, 0)) for it in self.catalogue}
 
 
+class PreparedError(ValueError):
+    """A prepared directory that is damaged or incomplete; the message names the file and what is wrong."""
+
+
+# what every manifest written by :func:`prepare` holds, and the type it must have
+_MANIFEST_KEYS = {"families": dict, "skipped": dict, "fingerprint": str}
+
+
+def read_manifest(path: str | Path) -> dict:
+    """``DIR/manifest.json`` checked: JSON, an object, with the keys :func:`prepare` writes (``families`` naming a
+    ``dir`` each). :class:`PreparedError` naming the file otherwise (a half-written or hand-edited manifest would
+    fail later with a bare KeyError); FileNotFoundError if it is missing."""
+    file = Path(path) / "manifest.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{Path(path)} is not a prepared dataset (no manifest.json); run `p5rec data prepare`")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PreparedError(f"{file}: not UTF-8 text ({exc.reason}); prepare the dataset again") from None
+    except json.JSONDecodeError as exc:
+        raise PreparedError(f"{file} line {exc.lineno}: not valid JSON ({exc.msg}), truncated or corrupt; "
+                            "prepare the dataset again") from None
+    if not isinstance(manifest, dict):
+        raise PreparedError(f"{file}: expected a JSON object, found {type(manifest).__name__}")
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise PreparedError(f"{file}: field {key!r} is missing or not a {kind.__name__} (a partial manifest?); "
+                                "prepare the dataset again")
+    for family, info in manifest["families"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("dir"), str):
+            raise PreparedError(f"{file}: families.{family} has no 'dir'; prepare the dataset again")
+    return manifest
+
+
 def load_prepared(path: str | Path) -> PreparedDataset:
-    """Open a directory written by :func:`prepare`. FileNotFoundError if it has no manifest."""
+    """Open a directory written by :func:`prepare`. FileNotFoundError if it has no manifest; :class:`PreparedError`
+    naming the file if the manifest, ``index.json`` or a table cannot be read."""
     path = Path(path)
-    if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"{path} is not a prepared dataset (no manifest.json); run `p5rec data prepare`")
-    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    items = datasets.load_from_disk(str(path / "items")) if (path / "items").is_dir() else None
-    return PreparedDataset(path, manifest, Index.from_json(path / "index.json"),
-                           datasets.load_from_disk(str(path / "interactions")), items)
+    manifest = read_manifest(path)
+    try:
+        index = Index.from_json(path / "index.json")
+    except FileNotFoundError:
+        raise PreparedError(f"{path / 'index.json'} is missing; prepare the dataset again") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PreparedError(f"{path / 'index.json'}: not an index written by `p5rec data prepare` ({exc})") from None
+    items = _load_table(path / "items") if (path / "items").is_dir() else None
+    return PreparedDataset(path, manifest, index, _load_table(path / "interactions"), items)
+
+
+def _load_table(path: Path) -> datasets.Dataset | datasets.DatasetDict:
+    """``datasets.load_from_disk`` with its errors turned into one line naming the table's directory."""
+    try:
+        return datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise PreparedError(f"{path} is missing or is not a saved table; prepare the dataset again") from None
+    except Exception as exc:  # noqa: BLE001 - Arrow and datasets raise many kinds for a damaged table
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PreparedError(f"{path}: cannot read the table ({first}); prepare the dataset again") from None
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -472,10 +522,14 @@ def summary(manifest: dict) -> str:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     try:
-        manifest = json.loads((Path(args.dir) / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return _fail(FileNotFoundError(f"{args.dir} is not a prepared dataset (no manifest.json)"))
-    print(summary(manifest))
+        manifest = read_manifest(args.dir)
+        text = summary(manifest)
+    except (FileNotFoundError, PreparedError) as exc:
+        return _fail(exc)
+    except (KeyError, TypeError, IndexError) as exc:
+        return _fail(PreparedError(f"{Path(args.dir) / 'manifest.json'}: incomplete, no {exc} where a manifest "
+                                   "written by `p5rec data prepare` has one; prepare the dataset again"))
+    print(text)
     return 0
 
 
@@ -500,10 +554,11 @@ def add_cli(subparsers) -> None:
     src.add_argument("--path", help="a data file or directory")
     p.add_argument("--format", default=None, help="reader name (default: guessed from file names)")
     p.add_argument("--out", default=None, help="output directory (default: prepared/<name>)")
-    p.add_argument("--k", type=int, default=5, help="k-core threshold (default 5)")
+    p.add_argument("--k", type=int_at_least(0), default=5, help="k-core threshold (default 5; 0 or 1: no filter)")
     p.add_argument("--index", choices=STRATEGIES, default="random", help="item/user id strategy")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--n-negatives", type=int, default=99, help="negatives per user for the direct family")
+    p.add_argument("--n-negatives", type=int_at_least(1), default=99,
+                   help="negatives per user for the direct family")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="malformed input lines")
     p.add_argument("--columns", type=_parse_columns, default=None,
                    help="generic formats: canonical=source column pairs, e.g. user=uid,item=iid,rating=score")

@@ -1,0 +1,34 @@
+"""argparse ``type=`` callables that check a number's range where it is parsed.
+
+A negative user cap or a zero beam width is a typing slip, not a request: caught by argparse it is one line
+(``argument --beams: expected an integer >= 1, got '0'``) and exit status 2, before any data or model is loaded,
+instead of a traceback minutes later or an empty answer. Kept apart from :mod:`p5rec.cli` so that stage modules
+can use them without importing the command dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+__all__ = ["int_at_least"]
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """A ``type=`` for integer options that must be ``>= minimum``; argparse reports anything else.
+
+    The returned function raises :class:`argparse.ArgumentTypeError` (argparse prints it after the option name)
+    for text that is not an integer (``"three"``, ``"2.5"``) or an integer below ``minimum``.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"  # argparse names the type in some messages
+    return parse
