@@ -22,6 +22,7 @@ import logging
 import gc
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 import numpy as np
 import yaml
 
@@ -87,7 +91,7 @@ class Problem:
     file: str
     line: int
     template: str  # template id, "" for file-level problems
-    kind: str  # yaml, format, schema, jinja, undefined_variable, undeclared_field, unknown_field,
+    kind: str  # yaml, format, schema, family, jinja, sandbox, undefined_variable, undeclared_field, unknown_field,
     # duplicate_id, duplicate_name, missing_source, missing_target, unknown_scoring, answer_choices, render
     message: str
 
@@ -245,10 +249,41 @@ def _titles_filter(values: Iterable[str]) -> str:
 
 
 def _new_env() -> jinja2.Environment:
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    """The Jinja environment every template is compiled by: sandboxed, strict about undefined names.
+
+    Template files are shared data, so a template must not reach Python: ``{{ cycler.__init__.__globals__ ...}}``
+    in a plain environment runs whatever it likes while ``validate`` renders it. Jinja's immutable sandbox refuses
+    attributes that start with ``_`` and other internals, and every method that mutates a list or dict, raising
+    :class:`jinja2.exceptions.SecurityError`; compiled code goes through the environment's ``getattr``/``call``
+    for every attribute and call, so the fast path of :func:`_render` is checked as well as ``render()``.
+    """
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                        keep_trailing_newline=False)
     env.filters["ids"] = _ids_filter
     env.filters["titles"] = _titles_filter
     return env
+
+
+def _unsafe_access(ast: jinja2.nodes.Template) -> list[str]:
+    """Attribute names a template reaches for that the sandbox would refuse, found without rendering it.
+
+    A render only shows the branches its records take; this finds ``x.__class__``, ``x['__class__']`` and
+    ``x | attr('__class__')`` anywhere in the source (names starting with ``_``, which no field offers), so
+    loading refuses the template before anything renders it. Names computed at render time are left to the
+    sandbox, which :func:`validate` reports as ``sandbox`` problems too.
+    """
+    found: list[str] = []
+    for node in ast.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem, jinja2.nodes.Filter)):
+        if isinstance(node, jinja2.nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, jinja2.nodes.Getitem):
+            name = node.arg.value if isinstance(node.arg, jinja2.nodes.Const) else None
+        else:
+            arg = node.args[0] if node.name == "attr" and node.args else None
+            name = arg.value if isinstance(arg, jinja2.nodes.Const) else None
+        if isinstance(name, str) and name.startswith("_") and name not in found:
+            found.append(name)
+    return found[::-1]  # find_all visits the outermost access of a chain first
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -258,6 +293,7 @@ class FamilyInfo:
     data: str  # the prepared family whose table this family reads: prepared.family(data) (design.md §2)
     schema: dict[str, str]
     file: str
+    line: int = 1  # of the ``data:`` key (``family:`` when there is none)
 
 
 def shipped_files(families: Sequence[str] | None = None) -> list[Path]:
@@ -309,7 +345,8 @@ def _parse_file(path: Path, env: jinja2.Environment) -> tuple[FamilyInfo | None,
     for key in schema:
         if key not in FIELDS:
             bad(_key_line(node, "schema"), "", "schema", f"schema field {key!r} is not offered by the renderer; known: {sorted(FIELDS)}")
-    info = FamilyInfo(fam, str(data.get("data") or fam), {k: str(v) for k, v in schema.items()}, fname)
+    info = FamilyInfo(fam, str(data.get("data") or fam), {k: str(v) for k, v in schema.items()}, fname,
+                      _key_line(node, "data" if "data" in data else "family"))
 
     lines = _entry_lines(node)
     templates: list[Template] = []
@@ -369,6 +406,11 @@ def _parse_file(path: Path, env: jinja2.Environment) -> tuple[FamilyInfo | None,
         for part, body in (("source", source), ("target", target)):
             try:
                 ast = env.parse(body)
+                unsafe = _unsafe_access(ast)
+                if unsafe:
+                    bad(line, tid, "sandbox", f"{part}: reaches for {', '.join(map(repr, unsafe))}; templates may "
+                        "only use the schema's fields and filters (attributes starting with '_' are refused)")
+                    continue
                 used[part] = jinja2.meta.find_undeclared_variables(ast)
                 compiled[part] = env.from_string(body)
             except jinja2.TemplateSyntaxError as e:
@@ -549,12 +591,16 @@ def validate(path: str | Path, against_shipped: bool | None = None) -> list[Prob
     """Every problem in one templates.yaml, each with file, line of the template entry and template id.
 
     Besides what loading checks, renders each template on synthetic records in both id forms: a render
-    error, an empty target, or a target outside ``answer_choices`` is a problem. A file that is not one of
-    the shipped files is also checked for ids clashing with the shipped templates (``against_shipped``).
+    error, an empty source or target, a target outside ``answer_choices``, or a template the sandbox stops
+    (kind ``sandbox``) is a problem. A file that is not one of the shipped files is also checked for ids
+    clashing with the shipped templates (``against_shipped``), and a family that is not shipped must read a
+    prepared table (``data:``), or nothing could ever render it.
     """
     path = Path(path)
     env = _new_env()
     info, templates, problems = _parse_file(path, env)
+    if info is not None:
+        problems += _family_problems(info)
     shipped = {p.resolve() for p in shipped_files()}
     if against_shipped is None:
         against_shipped = path.resolve() not in shipped
@@ -572,8 +618,14 @@ def validate(path: str | Path, against_shipped: bool | None = None) -> list[Prob
             cfg = RenderConfig(id_form=form)
             try:
                 outs = render_records(t, records, _SyntheticIndex(), cfg, titles=_SYNTHETIC_TITLES)
+            except SecurityError as e:
+                problems.append(Problem(t.file, t.line, t.id, "sandbox", f"refused by the template sandbox: {e}"))
+                break
             except Exception as e:  # noqa: BLE001 - any render failure is reported, not raised
                 problems.append(Problem(t.file, t.line, t.id, "render", f"{type(e).__name__}: {e}"))
+                break
+            if any(not src for src, _ in outs):
+                problems.append(Problem(t.file, t.line, t.id, "render", "source renders empty on a synthetic record"))
                 break
             if any(not tgt for _, tgt in outs):
                 problems.append(Problem(t.file, t.line, t.id, "render", "target renders empty on a synthetic record"))
@@ -586,6 +638,21 @@ def validate(path: str | Path, against_shipped: bool | None = None) -> list[Prob
                     break
     problems.sort(key=lambda p: (p.line, p.template, p.kind))
     return problems
+
+
+def _family_problems(info: FamilyInfo) -> list[Problem]:
+    """A family that no shipped file defines must name, in ``data:``, a table that ``p5rec data prepare`` writes.
+
+    (``data`` defaults to the family's name, so a new family without it reads a table that does not exist.)
+    """
+    from p5rec.prepare import FAMILY_DIRS  # the tables a prepared dataset offers, by the name family() takes
+
+    known = {f.parent.name for f in shipped_files()} | set(FAMILY_DIRS)
+    if info.family in known or info.data in FAMILY_DIRS:
+        return []
+    return [Problem(info.file, info.line, "", "family",
+                    f"family {info.family!r} is not a known family ({', '.join(sorted(known))}) and its data "
+                    f"{info.data!r} is not a prepared table; set 'data:' to one of {', '.join(FAMILY_DIRS)}")]
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -1048,22 +1115,51 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _preview_error(message: str) -> int:
+    print(f"p5rec templates preview: {message}", file=sys.stderr)
+    return 2
+
+
 def _cmd_preview(args) -> int:
-    ts = load_templates(paths=args.file)
+    try:
+        ts = load_templates(paths=args.file)
+    except TemplateError as exc:
+        more = f" (and {len(exc.problems) - 1} more problem(s); see `p5rec templates validate`)" \
+            if len(exc.problems) > 1 else ""
+        return _preview_error(f"{exc.problems[0]}{more}")
+    if args.id not in ts:
+        return _preview_error(f"no template {args.id!r}; `p5rec templates list` shows the {len(ts)} ids")
     t = ts.get(args.id)
     cfg = RenderConfig(seed=args.seed, id_form=args.id_form, template_ids=[t.id], max_records=max(args.n, 1))
     if args.dataset:
-        from p5rec.prepare import load_prepared
+        from p5rec.prepare import FAMILY_DIRS, PreparedError, load_prepared
 
-        prepared = load_prepared(args.dataset)
+        try:
+            prepared = load_prepared(args.dataset)
+        except (FileNotFoundError, PreparedError) as exc:
+            return _preview_error(str(exc))
+        data = ts.family_info(t.family).data
+        if not prepared.has_family(data):
+            why = prepared.manifest.get("skipped", {}).get(data) or (
+                f"not a prepared table ({', '.join(FAMILY_DIRS)})" if data not in FAMILY_DIRS else "not prepared")
+            have = ", ".join(prepared.manifest.get("families", {})) or "none"
+            return _preview_error(f"{args.dataset} has no {data!r} table for template {t.id} ({t.family} family): "
+                                  f"{why}; it has {have}")
         stats: dict = {}
-        ds = render_split(prepared, t.family, args.split, cfg, ts, stats=stats)
+        try:
+            ds = render_split(prepared, t.family, args.split, cfg, ts, stats=stats)
+        except (SecurityError, jinja2.TemplateError, PreparedError) as exc:
+            return _preview_error(f"{t.file}:{t.line}: [{t.id}] {type(exc).__name__}: {exc}")
         if len(ds) == 0:
             print(f"{t.id}: nothing rendered on {args.dataset} ({args.split}): {stats or 'no records'}")
             return 1
         pairs = list(zip(ds["source"], ds["target"]))[: args.n]
     else:
-        pairs = render_records(t, _synthetic_records()[: args.n], _SyntheticIndex(), cfg, titles=_SYNTHETIC_TITLES)
+        try:
+            pairs = render_records(t, _synthetic_records()[: args.n], _SyntheticIndex(), cfg,
+                                   titles=_SYNTHETIC_TITLES)
+        except (SecurityError, jinja2.TemplateError) as exc:
+            return _preview_error(f"{t.file}:{t.line}: [{t.id}] {type(exc).__name__}: {exc}")
     print(f"{t.id} {t.name} ({t.family}, {'seen' if t.seen else 'unseen'}, {t.scoring})")
     for src, tgt in pairs:
         print(f"\n  source: {src}\n  target: {tgt}")
