@@ -68,6 +68,9 @@ ITEM_FEATURES = datasets.Features(
 _PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 # How many malformed-line messages a warning quotes.
 _EXAMPLES_KEPT = 3
+# Star ratings of every supported source lie in [0, 10] (Amazon, Yelp 1-5, MovieLens 0.5-5); a value outside is a
+# corrupt line or a column that holds something else (timestamps, counts), never a rating.
+RATING_RANGE = (0.0, 10.0)
 
 
 @dataclass
@@ -94,6 +97,15 @@ class _Bad(Exception):
     """Raised by a line parser; the line loop turns it into a DataFormatError or a skip."""
 
 
+class _BadRating(_Bad):
+    """A rating that is not a finite number in ``RATING_RANGE``; ``column`` is the source column it came from,
+    so a whole column of non-ratings (a mapping slip such as ``rating=<timestamp column>``) can be named."""
+
+    def __init__(self, message: str, column: str) -> None:
+        super().__init__(message)
+        self.column = column
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading context: error policy, counts, files touched
 
@@ -105,9 +117,15 @@ class _Ctx:
     counts: dict[str, int] = field(default_factory=lambda: {"read": 0, "malformed": 0})
     sources: list[Path] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    # source column -> lines whose rating it gave was rejected, and the first such message
+    rating_rejects: dict[str, int] = field(default_factory=dict)
+    rating_examples: dict[str, str] = field(default_factory=dict)
 
-    def bad(self, path: Path, line: int, what: str, *, unit: str = "line", meta: bool = False) -> None:
+    def bad(self, path: Path, line: int, what: str | _Bad, *, unit: str = "line", meta: bool = False) -> None:
         message = f"{path} {unit} {line}: {what}"
+        if isinstance(what, _BadRating):
+            self.rating_rejects[what.column] = self.rating_rejects.get(what.column, 0) + 1
+            self.rating_examples.setdefault(what.column, message)
         if self.on_error == "raise":
             raise DataFormatError(message, path=path, line=line)
         key = "meta_malformed" if meta else "malformed"
@@ -129,6 +147,18 @@ class _Ctx:
     ) -> Iterator[T]:
         """Yield ``parse(line)`` for each non-blank line of ``path`` (gzip if it ends in .gz); a line whose parse
         raises ``_Bad`` is reported (raise or count) and left out."""
+        for _, value in self.numbered_lines(path, parse, encoding=encoding, meta=meta):
+            yield value
+
+    def numbered_lines(
+        self,
+        path: Path,
+        parse: Callable[[str], T],
+        *,
+        encoding: str = "utf-8",
+        meta: bool = False,
+    ) -> Iterator[tuple[int, T]]:
+        """Like ``lines``, with each value's 1-based line number (for checks that span lines)."""
         self.sources.append(path)
         for lineno, raw in _raw_lines(path):
             try:
@@ -141,9 +171,11 @@ class _Ctx:
                 continue
             self.count_read(meta)
             try:
-                yield parse(line)
+                value = parse(line)
             except _Bad as exc:
-                self.bad(path, lineno, str(exc), meta=meta)
+                self.bad(path, lineno, exc, meta=meta)
+                continue
+            yield lineno, value
 
     def records(self, path: Path, rows: Iterable[tuple[int, Any]], parse: Callable[[Any], T], *,
                 unit: str = "line", meta: bool = False) -> Iterator[T]:
@@ -153,7 +185,7 @@ class _Ctx:
             try:
                 yield parse(raw)
             except _Bad as exc:
-                self.bad(path, number, str(exc), unit=unit, meta=meta)
+                self.bad(path, number, exc, unit=unit, meta=meta)
 
 
 def _open_text(path: Path, encoding: str) -> io.TextIOBase:
@@ -288,16 +320,33 @@ def _number(value: Any, key: str) -> float:
         raise _Bad(f"field {key!r} is not a number: {value!r}") from None
 
 
+def _rating(value: Any, key: str, canonical: bool = True) -> float:
+    """A present rating: a finite number in ``RATING_RANGE`` (NaN, "NaN", inf, 42 are refused). ``canonical``
+    False means ``key`` is a source column mapped to ``rating``, which the message then says."""
+    label = f"{key!r}" if canonical else f"{key!r} (for 'rating')"
+    number = _number(value, key)
+    if not math.isfinite(number):
+        raise _BadRating(f"field {label} is not a finite number: {value!r}", key)
+    low, high = RATING_RANGE
+    if not low <= number <= high:
+        raise _BadRating(f"field {label} is {value!r}, outside the rating range [{low:g}, {high:g}]", key)
+    return number
+
+
 def _req_rating(record: Mapping[str, Any], key: str) -> float:
     if record.get(key) is None:
         raise _Bad(f"missing field {key!r}")
-    return _number(record[key], key)
+    return _rating(record[key], key)
 
 
-def _opt_rating(value: Any, key: str) -> float:
+def _opt_rating(value: Any, key: str, canonical: bool = True) -> float:
+    """A rating that may be missing (implicit data): None, a blank string, or a float NaN (a table's missing
+    marker, e.g. a Parquet float column) give NaN; anything else must be a valid rating (``_rating``)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return math.nan
-    return _number(value, key)
+    if isinstance(value, float) and math.isnan(value):
+        return math.nan
+    return _rating(value, key, canonical)
 
 
 def _int_field(value: Any, key: str) -> int:
@@ -482,6 +531,8 @@ def read(
     ctx = _Ctx(on_error=on_error, columns=columns)
     table, items = reader(path_list, ctx)
     sources = [str(p) for p in ctx.sources]
+    if fmt in GENERIC_FORMATS:  # the formats where a column mapping (or a column's name) decides the rating
+        _check_rating_column(ctx, sources)
     if ctx.counts.get("malformed") or ctx.counts.get("meta_malformed"):
         logger.warning(
             "skipped %d malformed interaction line(s) and %d malformed metadata line(s) in %s; first: %s",
@@ -506,6 +557,24 @@ def read(
             ctx.counts["meta_duplicates"] = items.duplicates
     logger.info("read %d interactions (%s) from %s", len(interactions), fmt, ", ".join(sources))
     return ReadResult(interactions=interactions, items=items_ds, source=sources, counts=dict(ctx.counts))
+
+
+def _check_rating_column(ctx: _Ctx, sources: Sequence[str]) -> None:
+    """Refuse a source column most of whose values are not ratings (with ``on_error="skip"`` they would all be
+    skipped one by one): that is a column mapping that points ``rating`` at the wrong column, and the message
+    names it. Scattered bad ratings stay per-line problems."""
+    read_lines = ctx.counts.get("read", 0)
+    for column, n in ctx.rating_rejects.items():
+        if n * 2 > read_lines:
+            mapped = ctx.columns is not None and ctx.columns.get("rating") == column
+            how = f"column {column!r}, mapped to 'rating' by columns=," if mapped else f"column {column!r}"
+            low, high = RATING_RANGE
+            raise DataFormatError(
+                f"{', '.join(sources)}: {how} does not hold ratings: {n} of {read_lines} lines have a value that is not "
+                f"a finite number in [{low:g}, {high:g}] (first: {ctx.rating_examples[column]}); map 'rating' to "
+                "the star-rating column, or leave it out for implicit feedback",
+                path=sources[0] if sources else None,
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -637,7 +706,7 @@ def _rated_row(fields: Sequence[str]) -> tuple:
         raise _Bad("missing field 'user'" if not user else "missing field 'item'")
     if not rating:
         raise _Bad("missing field 'rating'")
-    return user, item, _number(rating, "rating"), _int_field(timestamp, "timestamp")
+    return user, item, _rating(rating, "rating"), _int_field(timestamp, "timestamp")
 
 
 @READERS.register("movielens100k")
@@ -869,9 +938,19 @@ def _read_p5seq(paths: list[Path], ctx: _Ctx) -> tuple[_Table, _Items | None]:
 
     table = _Table()
     columns = table.columns
+    first_line: dict[str, tuple[Path, int]] = {}  # user -> where their sequence was listed
     for path in found["sequences"]:
         # Whole columns at once: 200k rows this way take a fraction of a second.
-        for user, items in ctx.lines(path, parse):
+        for lineno, (user, items) in ctx.numbered_lines(path, parse):
+            where = first_line.setdefault(user, (path, lineno))
+            if where != (path, lineno):
+                # A second line for a user would be interleaved with the first (timestamps restart at 0) into
+                # one sequence that never happened; which line is right cannot be told, so the file is refused.
+                lines = f"lines {where[1]} and {lineno}" if where[0] == path else \
+                    f"{where[0]} line {where[1]} and {path} line {lineno}"
+                ctx.bad(path, lineno, f"user {user!r} is listed twice ({lines}); a P5 sequence file has one line "
+                        "per user")
+                continue
             n = len(items)
             columns["user"].extend([user] * n)
             columns["item"].extend(items)
@@ -928,7 +1007,8 @@ def _generic_row(record: Mapping[str, Any], mapping: Mapping[str, str]) -> tuple
             raise _Bad(f"missing field {mapping[canonical]!r} (for {canonical!r})")
         values.append(_id_str(value).strip() if isinstance(value, str) else _id_str(value))
     rating_key = mapping.get("rating")
-    rating = math.nan if rating_key is None else _opt_rating(record.get(rating_key), rating_key)
+    rating = math.nan if rating_key is None else _opt_rating(record.get(rating_key), rating_key,
+                                                              canonical=rating_key == "rating")
     ts_key = mapping.get("timestamp")
     timestamp = 0 if ts_key is None else _epoch(record.get(ts_key), ts_key)
     texts = []
@@ -1003,10 +1083,16 @@ def _read_parquet(paths: list[Path], ctx: _Ctx) -> tuple[_Table, _Items | None]:
     table = _Table()
     for path in found["tables"]:
         ctx.sources.append(path)
-        names = pq.ParquetFile(path).schema_arrow.names
+        try:
+            names = pq.ParquetFile(path).schema_arrow.names
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"{path}: not a readable Parquet file ({exc})", path=path) from None
         mapping = _mapping(ctx.columns, names, path)
         needed = list(dict.fromkeys(mapping.values()))
-        arrow = pq.read_table(path, columns=needed)
+        try:
+            arrow = pq.read_table(path, columns=needed)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"{path}: corrupt Parquet data ({exc})", path=path) from None
         data = {name: arrow.column(name).to_pylist() for name in needed}
         rows = ((i + 1, {name: data[name][i] for name in needed}) for i in range(arrow.num_rows))
         for row in ctx.records(path, rows, lambda record: _generic_row(record, mapping), unit="row"):
