@@ -483,18 +483,18 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
     data only if the fingerprint matches). A template counts as seen only if the run's training mixture held it.
     A selection that matches no template is an error, not an empty report.
     """
-    from p5rec.run import Run, open_prepared_for, run_templates
+    from p5rec.run import Run, open_prepared_for, read_json, read_run_config, run_templates
     from p5rec.templates import RenderConfig
 
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "run_config.json").read_text())
+    config = read_run_config(run_dir)
     if model is None:
         run = Run.open(run_dir)
         model, tokenizer, templates = run.model, run.tokenizer, templates or run.templates
         prepared = prepared or run.prepared()
     if prepared is None:
         manifest = run_dir / "manifest.json"
-        fp = json.loads(manifest.read_text()).get("fingerprint") if manifest.exists() else None
+        fp = read_json(manifest).get("fingerprint") if manifest.exists() else None
         prepared = open_prepared_for(config, fp, run_dir)
     if templates is None:
         templates = run_templates(config)
@@ -627,17 +627,20 @@ def _fmt(m: dict) -> str:
 
 
 def add_cli(subparsers) -> None:
+    from p5rec.argtypes import int_at_least
+
     p = subparsers.add_parser("evaluate", help="score a trained run on the test split, per template and family")
     p.add_argument("--run", required=True, type=Path, help="run directory written by train.py")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--families", default=None, help="comma-separated families (default: all)")
     p.add_argument("--templates", default=None, help="comma-separated template ids (default: all)")
-    p.add_argument("--max-users", type=int, default=0, help="cases per template (0: all)")
-    p.add_argument("--max-candidate-users", type=int, default=200,
+    p.add_argument("--max-users", type=int_at_least(0), default=0, help="cases per template (0: all)")
+    p.add_argument("--max-candidate-users", type=int_at_least(0), default=200,
                    help="users for yes/no-per-candidate templates (each costs 100 prompts; 0: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--beams", type=int, default=20, help="beam width for restricted item generation")
-    p.add_argument("--text-beams", type=int, default=1, help="beam width for text generation (1: greedy)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--beams", type=int_at_least(1), default=20, help="beam width for restricted item generation")
+    p.add_argument("--text-beams", type=int_at_least(1), default=1,
+                   help="beam width for text generation (1: greedy)")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-sasrec", action="store_true", help="skip training SASRec as the sequential baseline")

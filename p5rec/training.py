@@ -216,6 +216,10 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     from p5rec.templates import RenderConfig, load_templates
 
     started = time.time()
+    if isinstance(targs.resume_from_checkpoint, str) and targs.resume_from_checkpoint:
+        from p5rec.run import check_checkpoint
+
+        check_checkpoint(Path(targs.resume_from_checkpoint))  # a damaged file fails now, not after data and mixture
     if not targs.output_dir:
         targs.output_dir = default_output_dir(margs, dargs)
     run_dir = Path(targs.output_dir)
@@ -386,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     margs, dargs, targs = parse_args(argv)
-    run(margs, dargs, targs)
+    from p5rec.run import RunError
+
+    try:
+        run(margs, dargs, targs)
+    except RunError as exc:  # a damaged checkpoint or run file: one line naming it, not a traceback
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
