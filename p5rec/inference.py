@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,81 @@ class UnknownIdError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes
         return str(self.args[0])
+
+
+class RequestError(ValueError):
+    """A request whose fields are missing or of the wrong type; the message names the field (and the line)."""
+
+
+# ------------------------------------------------------------------------------------- request checking
+TASKS = ("sequential", "direct", "rank", "rating", "explanation", "review", "review_rating")
+# fields a task cannot do without
+REQUIRED = {"direct": ("candidates",), "rank": ("candidates",), "rating": ("user", "item"),
+            "explanation": ("user", "item"), "review": ("review",), "review_rating": ("review",)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_ids(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# field -> (check, what it must be); a field that is absent or null is not checked (only REQUIRED ones must be there)
+FIELD_CHECKS = {
+    "user": (lambda v: isinstance(v, str), "a string (a raw user id)"),
+    "user_name": (lambda v: isinstance(v, str), "a string"),
+    "item": (lambda v: isinstance(v, str) and v != "", "a non-empty string (a raw item id)"),
+    "history": (_is_ids, "a list of strings (raw item ids, oldest first)"),
+    "candidates": (lambda v: _is_ids(v) and len(v) > 0, "a non-empty list of strings (raw item ids)"),
+    "k": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "review": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "feature": (lambda v: isinstance(v, str), "a string"),
+    "rating": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+               "a finite number"),
+    "template": (lambda v: isinstance(v, str) and v != "", "a template id string"),
+    "exclude_history": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_request(request, line: int | None = None) -> dict:
+    """The one check of a request's fields, before anything is rendered or decoded.
+
+    ``request`` is what a JSON line or the CLI gave: it must be an object with a known ``task``, the fields
+    that task requires (``REQUIRED``), and every field present of the right type (``FIELD_CHECKS``: ``"k": "three"``,
+    ``"k": 0``, ``"candidates": 5``, ``"history": "abc"`` are refused, never coerced). Unknown keys are left alone
+    (a client may tag its requests). Returns the request without its null fields (null means "not given", so the
+    defaults apply); raises :class:`RequestError` whose message starts with ``line N:`` when ``line`` is given and
+    names the field.
+    """
+    where = f"line {line}: " if line is not None else ""
+    if not isinstance(request, dict):
+        raise RequestError(f"{where}not a JSON object (found {_json_type(request)}); each line is one request "
+                           "object like {\"task\": \"sequential\", \"history\": [...]}")
+    task = request.get("task")
+    if task is None:
+        raise RequestError(f"{where}field 'task' is required (one of {', '.join(TASKS)})")
+    if task not in TASKS:
+        raise RequestError(f"{where}unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    for name in REQUIRED.get(task, ()):
+        if request.get(name) is None:
+            raise RequestError(f"{where}field {name!r} is required for task {task!r}")
+    for name, (ok, what) in FIELD_CHECKS.items():
+        value = request.get(name)
+        if value is not None and not ok(value):
+            raise RequestError(f"{where}field {name!r} must be {what}, got {_shown(value)}")
+    return {key: value for key, value in request.items() if value is not None}
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -237,7 +313,14 @@ class P5Rec:
 
     # ------------------------------------------------------------------ one request dict (CLI / JSONL)
     def answer(self, request: dict) -> dict:
-        """Answer one request ``{"task": ..., ...}``; the result is JSON-serialisable."""
+        """Answer one request ``{"task": ..., ...}``; the result is JSON-serialisable.
+
+        The request is checked first (:func:`check_request`): a missing or mistyped field is a
+        :class:`RequestError` naming it, before any rendering or decoding."""
+        return self._answer(check_request(request))
+
+    def _answer(self, request: dict) -> dict:
+        """``answer`` for a request :func:`check_request` has passed."""
         task = request.get("task")
         t0 = time.perf_counter()
         if task == "sequential":
@@ -257,15 +340,16 @@ class P5Rec:
             result = {"summary": self.summarize(request["review"], request.get("user"), request.get("template"))}
         elif task == "review_rating":
             result = self.rate_review(request["review"], request.get("user"), request.get("template"))
-        else:
-            raise ValueError(f"unknown task {task!r}; expected sequential, direct, rating, explanation, review, "
-                             "review_rating")
+        else:  # check_request let through a task this method does not know: a bug, not a bad request
+            raise AssertionError(f"task {task!r} passed check_request but has no handler")
         result["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return result
 
 
 # ---------------------------------------------------------------------- CLI
 def add_cli(subparsers) -> None:
+    from p5rec.argtypes import int_at_least
+
     p = subparsers.add_parser("predict", help="answer requests with a trained run (raw ids in, raw ids out)")
     p.add_argument("--run", required=True, type=Path, help="run directory written by train.py")
     p.add_argument("--task", choices=["sequential", "direct", "rating", "explanation", "review", "review_rating"])
@@ -276,7 +360,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--review", help="review text (review, review_rating tasks)")
     p.add_argument("--feature", help="feature word hint (explanation task)")
     p.add_argument("--rating", type=float, help="star rating shown by some explanation templates")
-    p.add_argument("-k", type=int, default=10, help="items to recommend")
+    p.add_argument("-k", type=int_at_least(1), default=10, help="items to recommend")
     p.add_argument("--template", help="template id (default: a seen template of the task)")
     p.add_argument("--keep-history", action="store_true", help="allow recommending items of the history")
     p.add_argument("--input", type=Path, help="JSON lines of requests ({'task': ..., ...}); batched")
@@ -295,20 +379,32 @@ def _request_from_args(args) -> dict:
 
 
 def _cli(args) -> int:
+    from p5rec.run import RunError
+
+    if not args.input and not args.task:
+        print("p5rec predict: give --task (or --input requests.jsonl)", file=sys.stderr)
+        return 2
+    if args.input and not args.input.is_file():
+        print(f"p5rec predict: --input {args.input}: no such file", file=sys.stderr)
+        return 2
+    request = None
+    if not args.input:
+        try:  # a bad request is refused before the model is loaded
+            request = check_request(_request_from_args(args))
+        except RequestError as exc:
+            print(f"p5rec predict: {exc}", file=sys.stderr)
+            return 2
     try:
         rec = P5Rec.from_pretrained(args.run)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, RunError) as exc:
         print(f"p5rec predict: {exc}", file=sys.stderr)
         return 2
     if args.input:
         return _batch(rec, args)
-    if not args.task:
-        print("p5rec predict: give --task (or --input requests.jsonl)", file=sys.stderr)
-        return 2
     try:
-        result = rec.answer(_request_from_args(args))
+        result = rec._answer(request)
     except (UnknownIdError, ValueError, KeyError) as exc:
-        print(f"p5rec predict: {exc}", file=sys.stderr)
+        print(f"p5rec predict: {_message(exc)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))
@@ -317,39 +413,66 @@ def _cli(args) -> int:
     return 0
 
 
+def parse_lines(lines: Sequence[str]) -> tuple[list[tuple[int, dict]], dict[int, dict]]:
+    """JSONL request lines -> (checked requests, errors), both keyed by 1-based line number; blank lines skipped.
+
+    A line that is not JSON, not an object, or fails :func:`check_request` becomes ``{"line": N, "error": ...}``
+    (with the parsed ``request`` when there is one) and does not stop the others."""
+    requests: list[tuple[int, dict]] = []
+    errors: dict[int, dict] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors[n] = {"line": n, "error": f"line {n}: not JSON ({exc.msg} at column {exc.colno})"}
+            continue
+        except RecursionError:
+            errors[n] = {"line": n, "error": f"line {n}: not JSON (nested too deeply)"}
+            continue
+        try:
+            requests.append((n, check_request(request, n)))
+        except RequestError as exc:
+            errors[n] = {"line": n, "request": request, "error": str(exc)}
+    return requests, errors
+
+
 def _batch(rec: P5Rec, args) -> int:
     from tqdm.auto import tqdm
 
-    lines = args.input.read_text().splitlines()
-    requests = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                requests.append((n, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                print(f"p5rec predict: {args.input} line {n}: not JSON ({exc.msg})", file=sys.stderr)
-                return 2
-    answers: list[dict] = []
+    try:
+        lines = args.input.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"p5rec predict: --input {args.input}: unreadable ({exc})", file=sys.stderr)
+        return 2
+    requests, by_line = parse_lines(lines)
+    if by_line:
+        logger.warning("%d of %d request line(s) refused; their answers are error objects naming the line and "
+                       "field", len(by_line), len(by_line) + len(requests))
     t0 = time.perf_counter()
-    # Sequential requests are decoded in batches; the others one by one (they are cheap).
-    seq = [(n, r) for n, r in requests if r.get("task") == "sequential"]
-    by_line: dict[int, dict] = {}
+    # Sequential requests are decoded in batches (those on the default template that leave out their history: the
+    # batch call has no per-request template or exclude_history); the others one by one (they are cheap).
+    batched = {n for n, r in requests if r["task"] == "sequential" and r.get("template") is None
+               and r.get("exclude_history", True)}
+    seq = [(n, r) for n, r in requests if n in batched]
     for start in tqdm(range(0, len(seq), 64), desc="sequential", disable=None):
         chunk = seq[start : start + 64]
         k = max(int(r.get("k", 10)) for _, r in chunk)
         try:
             preds = rec.recommend_batch(chunk and [r for _, r in chunk], k=k)
-        except (UnknownIdError, ValueError):
+        except (UnknownIdError, ValueError, KeyError):
             preds = None
             for n, r in chunk:  # fall back to one by one, so one bad request does not sink the batch
-                by_line[n] = _safe(rec, r)
+                by_line[n] = _safe(rec, r, n)
         if preds is not None:
             for (n, r), p in zip(chunk, preds):
                 by_line[n] = {"items": [asdict(x) for x in p[: int(r.get("k", 10))]]}
-    for n, r in tqdm([x for x in requests if x[1].get("task") != "sequential"], desc="requests", disable=None):
-        by_line[n] = _safe(rec, r)
+    for n, r in tqdm([x for x in requests if x[0] not in batched], desc="requests", disable=None):
+        by_line[n] = _safe(rec, r, n)
     for n, r in requests:
-        answers.append({"line": n, "request": r, **by_line[n]})
+        by_line[n] = {"line": n, "request": r, **by_line[n]}
+    answers = [by_line[n] for n in sorted(by_line)]
     seconds = time.perf_counter() - t0
     out = "\n".join(json.dumps(a) for a in answers) + "\n"
     if args.output:
@@ -361,11 +484,20 @@ def _batch(rec: P5Rec, args) -> int:
     return 0
 
 
-def _safe(rec: P5Rec, request: dict) -> dict:
+def _safe(rec: P5Rec, request: dict, line: int) -> dict:
+    """The answer to a checked request, or ``{"error": "line N: ..."}`` if the run refuses it (unknown id,
+    a template of another family)."""
     try:
-        return rec.answer(request)
+        return rec._answer(request)
     except (UnknownIdError, ValueError, KeyError) as exc:
-        return {"error": str(exc)}
+        return {"error": f"line {line}: {_message(exc)}"}
+
+
+def _message(exc: Exception) -> str:
+    """An exception's text without the quotes ``str(KeyError)`` adds."""
+    if isinstance(exc, KeyError) and not isinstance(exc, UnknownIdError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
 
 
 def _print_human(result: dict) -> None:
