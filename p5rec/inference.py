@@ -426,7 +426,7 @@ def parse_lines(lines: Sequence[str]) -> tuple[list[tuple[int, dict]], dict[int,
         try:
             request = json.loads(line)
         except json.JSONDecodeError as exc:
-            errors[n] = {"line": n, "error": f"line {n}: not JSON ({exc.msg} at column {exc.colno})"}
+            errors[n] = {"line": n, "error": f"line {n}: not JSON ({exc.msg}; column {exc.colno})"}
             continue
         except RecursionError:
             errors[n] = {"line": n, "error": f"line {n}: not JSON (nested too deeply)"}
