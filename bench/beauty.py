@@ -107,16 +107,22 @@ def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path,
                 "--per_device_eval_batch_size", "512", "--max_steps", str(steps), "--eval_steps", str(every),
                 "--save_steps", str(every), "--logging_steps", str(per_epoch), "--eval_users", "100000",
                 "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *budget["extra"]]
-        checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if checkpoints:
-            args += ["--resume_from_checkpoint", str(checkpoints[-1])]
+        from p5rec.training import last_checkpoint
+
+        checkpoint = last_checkpoint(run_dir) if run_dir.is_dir() else None
+        if checkpoint:
+            args += ["--resume_from_checkpoint", str(checkpoint)]
+        elif run_dir.is_dir():  # stopped before its first checkpoint: nothing to keep
+            args += ["--overwrite_output_dir", "true"]
         if chunk_minutes:  # a GPU lease runs at most 10 minutes a command: stop, checkpoint, come back
             args = ["timeout", "--signal=INT", f"{int(chunk_minutes * 60)}"] + args
         run(args)
     t0 = time.time()
     run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential",
          "--templates", spec["score"], "--max-users", "0", "--batch-size", "256", "--no-sasrec"])
-    report = json.loads((run_dir / "results.json").read_text())
+    # a partial evaluation writes results-test-<selection hash>.json beside the run's results.json
+    written = [p for p in run_dir.glob("results-test-*.json") if p.stat().st_mtime >= t0]
+    report = json.loads(max(written, key=lambda p: p.stat().st_mtime).read_text())
     config = json.loads((run_dir / "run_config.json").read_text())
     trained = json.loads((run_dir / "train_results.json").read_text())
     report.update(
