@@ -462,10 +462,12 @@ def _sasrec_baseline(seq, rows: list[dict], cfg: EvalConfig) -> dict:
     from p5rec import sasrec
 
     t0 = time.time()
-    config = sasrec.SASRecConfig(seed=cfg.seed, device="cuda" if torch.cuda.is_available() else "cpu")
+    # selected on validation under the protocol it is scored by here (history items allowed unless excluded)
+    config = sasrec.SASRecConfig(seed=cfg.seed, device="cuda" if torch.cuda.is_available() else "cpu",
+                                 select_exclude_history=cfg.exclude_history)
     train, valid = sasrec.sequential_training_data(seq)
     model, vocab = sasrec.fit(train, config, valid=valid)
-    ranked = sasrec.recommend(model, vocab, [r["history"] for r in rows], k=20)
+    ranked = sasrec.recommend(model, vocab, [r["history"] for r in rows], k=20, exclude_history=cfg.exclude_history)
     out = metrics.ranking_metrics(ranked, [r["target"] for r in rows])
     out.update(epochs=model.epochs_run, best_epoch=model.best_epoch, seconds=round(time.time() - t0, 1))
     logger.info("SASRec baseline: NDCG@10 %.4f HR@10 %.4f (%d epochs, %.0fs)", out["NDCG@10"], out["HR@10"],
