@@ -53,8 +53,11 @@ ROWS = {
                        args=SEQUENCE_RECIPE),
     "seq-collaborative": dict(index="collaborative", form="token", templates="2-S1,2-S2", score="2-S1",
                               args=SEQUENCE_RECIPE),
+    # 2-1 on every training position (131k rows a pass) beside 4 sequence rows per user (89k): a pass costs
+    # about 10 sequence-only epochs, so this row gets 1.5 times the steps (its steps are cheaper: short targets)
     "seq+2-1-random": dict(index="random", form="token", templates="2-S1,2-S2,2-1", score="2-S1,2-1,2-13",
-                           args=SEQUENCE_RECIPE + ["--renders", "sequential=1"]),
+                           args=SEQUENCE_RECIPE + ["--renders", "sequential=1", "--sequence_renders", "4"],
+                           epochs_scale=1.5),
 }
 # Training budgets: the model shape, the steps that fill the time (measured per row), the SASRec cap.
 BUDGETS = {
@@ -99,7 +102,7 @@ def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path,
              "--index", spec["index"], "--out", str(prepared)])
     run_dir = work / name
     per_epoch = steps_per_epoch(prepared, budget["batch"])
-    steps = per_epoch * budget["epochs"]
+    steps = int(per_epoch * budget["epochs"] * spec.get("epochs_scale", 1.0))
     every = per_epoch * 2
     if not (run_dir / "train_results.json").exists():
         args = [py, "train.py", "--prepared_dir", str(prepared), *spec["args"], "--templates", spec["templates"],
@@ -107,16 +110,22 @@ def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path,
                 "--per_device_eval_batch_size", "512", "--max_steps", str(steps), "--eval_steps", str(every),
                 "--save_steps", str(every), "--logging_steps", str(per_epoch), "--eval_users", "100000",
                 "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *budget["extra"]]
-        checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if checkpoints:
-            args += ["--resume_from_checkpoint", str(checkpoints[-1])]
+        from p5rec.training import last_checkpoint
+
+        checkpoint = last_checkpoint(run_dir) if run_dir.is_dir() else None
+        if checkpoint:
+            args += ["--resume_from_checkpoint", str(checkpoint)]
+        elif run_dir.is_dir():  # stopped before its first checkpoint: nothing to keep
+            args += ["--overwrite_output_dir", "true"]
         if chunk_minutes:  # a GPU lease runs at most 10 minutes a command: stop, checkpoint, come back
             args = ["timeout", "--signal=INT", f"{int(chunk_minutes * 60)}"] + args
         run(args)
     t0 = time.time()
     run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential",
          "--templates", spec["score"], "--max-users", "0", "--batch-size", "256", "--no-sasrec"])
-    report = json.loads((run_dir / "results.json").read_text())
+    # a partial evaluation writes results-test-<selection hash>.json beside the run's results.json
+    written = [p for p in run_dir.glob("results-test-*.json") if p.stat().st_mtime >= t0]
+    report = json.loads(max(written, key=lambda p: p.stat().st_mtime).read_text())
     config = json.loads((run_dir / "run_config.json").read_text())
     trained = json.loads((run_dir / "train_results.json").read_text())
     report.update(
@@ -131,7 +140,8 @@ def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path,
 def sasrec(budget: dict, work: Path, out: Path, py: str) -> None:
     prepared = work / "prepared-random"
     run([py, "bench/sasrec.py", "--prepared", str(prepared), "--epochs", str(budget["sasrec_epochs"]),
-         "--max-seconds", str(budget["sasrec_seconds"]), "--threads", "2", "--out", str(out / "sasrec.json")])
+         "--max-seconds", str(budget["sasrec_seconds"]), "--threads", "2", "--select-on", "all_items",
+         "--out", str(out / "sasrec.json")])
     s = json.loads((out / "sasrec.json").read_text())
     s["invocation"] = INVOCATION
     (out / "sasrec.json").write_text(json.dumps(s, indent=2))

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=defaults.batch)
     p.add_argument("--patience", type=int, default=defaults.patience)
     p.add_argument("--max-seconds", type=float, default=None, help="training time budget (validation excluded)")
+    p.add_argument("--select-on", choices=["exclude_history", "all_items"], default="exclude_history",
+                   help="validation NDCG@10 that picks the best epoch: history items excluded, or allowed")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = S.SASRecConfig(hidden=args.hidden, blocks=args.blocks, heads=args.heads, dropout=args.dropout,
                             max_len=args.max_len, lr=args.lr, batch=args.batch, epochs=args.epochs,
                             seed=args.seed, loss=args.loss, device=args.device, patience=args.patience,
-                            max_seconds=args.max_seconds)
+                            max_seconds=args.max_seconds, select_exclude_history=args.select_on == "exclude_history")
     dd = datasets.load_from_disk(str(Path(args.prepared) / "sequential"))
     if args.max_users:
         dd = _first_users(dd, args.max_users)

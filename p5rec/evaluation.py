@@ -1,5 +1,8 @@
 """Score a trained run per task family with that family's protocol; write results.json and results.md.
 
+A partial evaluation (some families or templates, the valid split, a cap on cases) writes its own
+``results-<split>-<hash>.json`` / ``.md`` beside them instead (:func:`results_path`).
+
 How a template is scored follows from two facts about it: its ``scoring`` kind and what its target renders
 (an item, a rating, free text, or one of its answer choices). See :func:`target_kind` and :func:`score_template`.
 
@@ -30,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from p5rec import baselines, decoding, metrics
+from p5rec import atomic, baselines, decoding, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -459,10 +462,12 @@ def _sasrec_baseline(seq, rows: list[dict], cfg: EvalConfig) -> dict:
     from p5rec import sasrec
 
     t0 = time.time()
-    config = sasrec.SASRecConfig(seed=cfg.seed, device="cuda" if torch.cuda.is_available() else "cpu")
+    # selected on validation under the protocol it is scored by here (history items allowed unless excluded)
+    config = sasrec.SASRecConfig(seed=cfg.seed, device="cuda" if torch.cuda.is_available() else "cpu",
+                                 select_exclude_history=cfg.exclude_history)
     train, valid = sasrec.sequential_training_data(seq)
     model, vocab = sasrec.fit(train, config, valid=valid)
-    ranked = sasrec.recommend(model, vocab, [r["history"] for r in rows], k=20)
+    ranked = sasrec.recommend(model, vocab, [r["history"] for r in rows], k=20, exclude_history=cfg.exclude_history)
     out = metrics.ranking_metrics(ranked, [r["target"] for r in rows])
     out.update(epochs=model.epochs_run, best_epoch=model.best_epoch, seconds=round(time.time() - t0, 1))
     logger.info("SASRec baseline: NDCG@10 %.4f HR@10 %.4f (%d epochs, %.0fs)", out["NDCG@10"], out["HR@10"],
@@ -476,8 +481,42 @@ def _counts(items) -> dict[str, int]:
     return dict(Counter(items))
 
 
-def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, prepared=None, templates=None) -> dict:
-    """Score every selected template of the run on ``cfg.split``; write results.json and results.md.
+FULL_RESULTS = "results.json"  # the run's own evaluation: every family and template, all test cases
+_NOT_SELECTION = ("batch_size", "progress")  # EvalConfig fields that do not change the numbers
+
+
+def is_partial(cfg: EvalConfig) -> bool:
+    """Whether ``cfg`` scores less than the full test evaluation: the valid split, fewer families than all, chosen
+    templates, or a cap on the cases per template."""
+    return (cfg.split != "test" or not set(EvalConfig().families) <= set(cfg.families) or bool(cfg.templates)
+            or cfg.max_cases != 0)
+
+
+def results_path(run_dir: Path, cfg: EvalConfig) -> Path:
+    """Where ``p5rec evaluate`` writes the report of ``cfg`` in ``run_dir`` (the ``.md`` sits beside it, same stem).
+
+    The full evaluation writes ``results.json``. A partial one (:func:`is_partial`) writes beside it, never over
+    it, to ``results-<split>-<hash>.json``: the hash (12 hex digits of sha256) is over every setting that changes
+    the numbers (families and templates sorted), so the same selection always lands in the same file and two
+    different selections never share one.
+    """
+    run_dir = Path(run_dir)
+    if not is_partial(cfg):
+        return run_dir / FULL_RESULTS
+    selection = {k: v for k, v in asdict(cfg).items() if k not in _NOT_SELECTION}
+    selection["families"] = sorted(selection["families"])
+    selection["templates"] = sorted(selection["templates"])
+    digest = hashlib.sha256(json.dumps(selection, sort_keys=True).encode()).hexdigest()[:12]
+    return run_dir / f"results-{cfg.split}-{digest}.json"
+
+
+def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, prepared=None, templates=None,
+                 out: Path | None = None) -> dict:
+    """Score every selected template of the run on ``cfg.split``; write the report as JSON and Markdown.
+
+    ``out`` is the JSON file (the Markdown goes beside it, same stem); None: :func:`results_path`, so a partial
+    evaluation never replaces the full ``results.json``. Both files are written atomically (a temporary sibling,
+    then ``os.replace``), after the scoring: a failed or killed evaluation leaves the earlier report whole.
 
     Without ``model`` the run is opened with :class:`p5rec.run.Run` (its own template files, and its prepared
     data only if the fingerprint matches). A template counts as seen only if the run's training mixture held it.
@@ -487,6 +526,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
     from p5rec.templates import RenderConfig
 
     run_dir = Path(run_dir)
+    out = Path(out) if out is not None else results_path(run_dir, cfg)
     config = read_run_config(run_dir)
     if model is None:
         run = Run.open(run_dir)
@@ -543,10 +583,11 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "baselines": run_baselines(prepared, cfg) if cfg.baselines else {},
         "seconds": round(time.time() - started, 1),
     }
-    (run_dir / "results.json").write_text(json.dumps(report, indent=2))
     md = results_markdown(report)
-    (run_dir / "results.md").write_text(md)
+    atomic.write_text(out, json.dumps(report, indent=2))
+    atomic.write_text(out.with_suffix(".md"), md)
     print(md)
+    logger.info("wrote %s and %s", out, out.with_suffix(".md"))
     return report
 
 
@@ -668,9 +709,12 @@ def _cli(args) -> int:
         return 2
     from p5rec.run import RunError
 
+    out = results_path(args.run, cfg)
     try:
-        evaluate_run(args.run, cfg)
+        evaluate_run(args.run, cfg, out=out)
     except (RunError, ValueError) as exc:
         print(f"p5rec evaluate: {exc}", file=sys.stderr)
         return 2
+    print(f"p5rec evaluate: wrote {out} and {out.with_suffix('.md')}"
+          + (" (a partial evaluation: results.json is left as it was)" if is_partial(cfg) else ""))
     return 0

@@ -12,6 +12,12 @@ path) into local files, looking in this order and stopping at the first hit:
    and only then moved into place, so the cache never holds a partial or wrong file. Zip archives are extracted
    into the cache next to the archive.
 
+Every file p5rec fetched is verified on every use. A file the registry pins (``sha256:``) must have that checksum.
+For one it does not pin, the checksum of the first download is trusted (trust on first use): it is saved beside
+the file as ``<file>.sha256`` (``sha256sum`` format, so ``sha256sum -c`` checks it too) and every later use from
+the cache must match it, so a file that changed in the cache, on disk or by a later download, is refused rather
+than silently read. Files in ``$P5REC_DATA`` are the user's own and only warn when they differ from a pin.
+
 Datasets that cannot be downloaded (Yelp's terms, P5's Google Drive folder) carry ``manual`` instructions, which the
 error repeats together with the directory to put the files in.
 """
@@ -34,7 +40,7 @@ import yaml
 from tqdm.auto import tqdm
 
 import p5rec
-from p5rec import readers
+from p5rec import atomic, readers
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY_KEYS = {"name", "description", "format", "files", "license", "homepage", "citation", "embedded", "manual"}
 _FILE_KEYS = {"name", "url", "sha256", "unpack", "optional"}
+RECORD_SUFFIX = ".sha256"  # beside a downloaded file the registry does not pin: the checksum of its first download
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,7 @@ def resolve(
     if _holds(cache, entry):
         paths, hashes = _collect(cache, entry, extract_to=cache)
         _check(entry, hashes, strict=True, where=cache)
+        _check_recorded(entry, hashes, cache)
         return Resolved(entry.name, fmt, paths, hashes, origin="cache")
 
     target = Path(data_root).expanduser() / entry.name if data_root else Path("$P5REC_DATA") / entry.name
@@ -282,6 +290,7 @@ def resolve(
         _download(spec.url, cache / spec.name, spec.sha256)
     paths, hashes = _collect(cache, entry, extract_to=cache)
     _check(entry, hashes, strict=True, where=cache)
+    _check_recorded(entry, hashes, cache)
     return Resolved(entry.name, fmt, paths, hashes, origin="download")
 
 
@@ -344,9 +353,52 @@ def _check(entry: DatasetEntry, hashes: dict[str, str], *, strict: bool, where: 
         logger.warning("%s (a different release of %s?)", message, entry.name)
 
 
+def record_path(file: Path) -> Path:
+    """Where the trusted-on-first-use checksum of a downloaded ``file`` is kept: ``<file>.sha256`` beside it."""
+    file = Path(file)
+    return file.with_name(file.name + RECORD_SUFFIX)
+
+
+def read_record(file: Path) -> str | None:
+    """The sha256 recorded for ``file`` (None if there is no record); ``ChecksumError`` if the record is not one."""
+    record = record_path(file)
+    if not record.is_file():
+        return None
+    digest = record.read_text(encoding="utf-8").split(maxsplit=1)[0].lower() if record.stat().st_size else ""
+    if not _SHA256.match(digest):
+        raise ChecksumError(f"{record}: not a sha256 record; delete it and {file} to download the file again")
+    return digest
+
+
+def write_record(file: Path, digest: str) -> Path:
+    """Record ``digest`` as the trusted checksum of ``file`` (atomically, ``sha256sum`` format)."""
+    return atomic.write_text(record_path(file), f"{digest}  {Path(file).name}\n")
+
+
+def _check_recorded(entry: DatasetEntry, hashes: dict[str, str], cache: Path) -> None:
+    """Trust on first use for the files of ``entry`` in the cache that the registry does not pin: the checksum
+    recorded at the first download must match; a cached file with no record yet (fetched by hand, or by a p5rec
+    before records existed) gets one now."""
+    for spec in entry.files:
+        got = hashes.get(spec.name)
+        file = cache / spec.name
+        if spec.sha256 is not None or got is None or not file.is_file():
+            continue
+        recorded = read_record(file)
+        if recorded is None:
+            write_record(file, got)
+            logger.warning("%s has no sha256 in the registry; trusting it on first use and recording %s in %s",
+                           file, got, record_path(file))
+        elif recorded != got:
+            raise ChecksumError(f"{file}: sha256 {got} differs from {recorded}, recorded at its first download in "
+                                f"{record_path(file)}; delete both files to download it again")
+
+
 def _download(url: str, dest: Path, expected: str | None) -> Path:
-    """Stream ``url`` to ``dest`` through a temporary file in the same directory; verify ``expected`` sha256
-    before the file takes its final name. On any failure nothing is left behind."""
+    """Stream ``url`` to ``dest`` through a temporary file in the same directory; verify ``expected`` sha256 (or,
+    without one, a checksum recorded by an earlier download) and the announced length before the file takes its
+    final name. Without ``expected``, the checksum is recorded beside the file (trust on first use) before the file
+    is moved into place. On any failure nothing but an earlier record is left behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     digest = hashlib.sha256()
@@ -356,13 +408,25 @@ def _download(url: str, dest: Path, expected: str | None) -> Path:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                       disable=None, leave=False) as bar:
+                received = 0
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+                    received += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if total is not None and received != total:
+            raise DatasetNotAvailable(f"download of {url} stopped after {received} of {total} bytes; nothing was kept")
         got = digest.hexdigest()
         if expected is not None and got != expected:
             raise ChecksumError(f"download of {url}: sha256 expected {expected}, got {got}; nothing was kept")
+        if expected is None:
+            recorded = read_record(dest)
+            if recorded is not None and recorded != got:
+                raise ChecksumError(f"download of {url}: sha256 {got} differs from {recorded}, recorded at the first "
+                                    f"download in {record_path(dest)}; nothing was kept")
+            write_record(dest, got)  # before the file: a file in the cache always has its record
         os.replace(temporary, dest)
     except BaseException as exc:
         Path(temporary).unlink(missing_ok=True)
@@ -373,7 +437,8 @@ def _download(url: str, dest: Path, expected: str | None) -> Path:
             ) from exc
         raise
     if expected is None:
-        logger.warning("%s has no sha256 in the registry; downloaded file's sha256 is %s", dest.name, got)
+        logger.warning("%s has no sha256 in the registry; trusting this first download, sha256 %s (recorded in %s)",
+                       dest.name, got, record_path(dest))
     return dest
 
 

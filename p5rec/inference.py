@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
+
+from p5rec import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +367,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--template", help="template id (default: a seen template of the task)")
     p.add_argument("--keep-history", action="store_true", help="allow recommending items of the history")
     p.add_argument("--input", type=Path, help="JSON lines of requests ({'task': ..., ...}); batched")
-    p.add_argument("--output", type=Path, help="write answers as JSON lines here (with --input)")
+    p.add_argument("--output", type=Path, help="write answers as JSON lines here (with --input); an existing file "
+                   "only with --overwrite, never the --input file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.set_defaults(func=_cli)
 
@@ -376,6 +381,24 @@ def _request_from_args(args) -> dict:
            "rating": args.rating, "k": args.k, "template": args.template,
            "exclude_history": not args.keep_history}
     return {k: v for k, v in req.items() if v not in (None, [], "")}
+
+
+def output_problem(output: Path, input_path: Path | None, overwrite: bool) -> str | None:
+    """Why answers may not be written to ``output``, or None. Checked before the model is loaded, so a typo in
+    the path costs nothing and the decoding is never thrown away: the file must not be the input (not even with
+    ``overwrite``), must not exist unless ``overwrite``, and its directory must exist."""
+    output = Path(output)
+    source = Path(input_path) if input_path is not None else None
+    if source is not None and (output.resolve() == source.resolve()
+                               or (output.exists() and source.exists() and os.path.samefile(output, source))):
+        return f"--output {output} is the --input file; write the answers to another file"
+    if output.is_dir():
+        return f"--output {output} is a directory; name a file"
+    if output.exists() and not overwrite:
+        return f"--output {output} exists; pass --overwrite to replace it"
+    if not output.parent.is_dir():
+        return f"--output {output}: directory {output.parent} does not exist"
+    return None
 
 
 def _cli(args) -> int:
@@ -393,6 +416,11 @@ def _cli(args) -> int:
             request = check_request(_request_from_args(args))
         except RequestError as exc:
             print(f"p5rec predict: {exc}", file=sys.stderr)
+            return 2
+    if args.output is not None:
+        problem = output_problem(args.output, args.input, args.overwrite)
+        if problem:
+            print(f"p5rec predict: {problem}", file=sys.stderr)
             return 2
     try:
         rec = P5Rec.from_pretrained(args.run)
@@ -476,7 +504,7 @@ def _batch(rec: P5Rec, args) -> int:
     seconds = time.perf_counter() - t0
     out = "\n".join(json.dumps(a) for a in answers) + "\n"
     if args.output:
-        args.output.write_text(out)
+        atomic.write_text(args.output, out)  # a temporary sibling, then os.replace: never a half-written file
         print(f"{len(answers)} answers -> {args.output} ({len(answers) / max(seconds, 1e-9):.1f} requests/s)",
               file=sys.stderr)
     else:

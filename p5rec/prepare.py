@@ -4,7 +4,7 @@
 
     resolve -> read -> deduplicate -> k-core -> time order -> leave-one-out (sequential, direct)
     -> 8:1:1 ratio split (reviews: rating + review) -> explanations -> index (fitted on training part)
-    -> negatives -> write tables + index.json + manifest.json
+    -> negatives -> write tables + index.json + manifest.json (into a hidden sibling, renamed into place at the end)
 
 Every count along the way goes into ``manifest.json``, with a ``fingerprint`` (sha256 over the parameters, the
 source checksums, the counts and the content of every table), so two preparations can be compared by one string.
@@ -12,6 +12,10 @@ Wall-clock timings sit under ``timings`` and are the only part that changes betw
 
 Families whose source data is missing are skipped and ``manifest["skipped"]`` says why (P5's sequence files have
 no ratings or review text, so Beauty gets sequential + direct only).
+
+An output directory is never deleted or mixed: ``prepare`` writes only into a path that does not exist or an empty
+directory, and replaces an earlier output of its own (``"kind": "p5rec-prepared"`` in its manifest, nothing else
+beside it) only when told to (``overwrite``, ``--overwrite``). See :func:`check_out`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 import p5rec
-from p5rec import explain, preprocess, splits
+from p5rec import atomic, explain, preprocess, splits
 from p5rec.argtypes import int_at_least
 from p5rec.indexing import STRATEGIES, Index, fit_index
 from p5rec.preprocess import PreprocessError
@@ -120,15 +124,60 @@ def _resolve(dataset: str | Path, fmt: str | None) -> tuple[str, str, list[Path]
     return resolved.name, fmt or resolved.format, [Path(p) for p in resolved.paths]
 
 
-def _prepare_out(out: Path) -> None:
-    """Create ``out``; an existing directory is replaced only if it is empty or a previous preparation."""
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not (out / "manifest.json").exists():
-            raise FileExistsError(f"{out} is a non-empty directory that is not a prepared dataset; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+PREPARED_KIND = "p5rec-prepared"  # manifest["kind"]: marks a directory that `prepare` wrote and may replace
+# manifest keys of preparations written before the "kind" marker existed
+_LEGACY_MANIFEST_KEYS = ("p5rec_version", "fingerprint", "families", "tables", "counts", "index")
+
+
+def _prepared_entries() -> set[str]:
+    """Every name ``prepare`` can write at the top of its output directory."""
+    return {"manifest.json", "index.json", "interactions", "items", *FAMILY_DIRS.values()}
+
+
+def is_prepared_output(path: Path) -> bool:
+    """Whether ``path`` is a directory that :func:`prepare` wrote and nothing else touched: its manifest carries
+    the ``"kind": "p5rec-prepared"`` marker (or, for older outputs, the keys every manifest has) and it holds
+    only names ``prepare`` writes. A run directory holds a copy of the manifest too, beside its model: that is not
+    a prepared output, and neither is a folder where the user keeps other files."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict):
+        return False
+    marked = manifest.get("kind") == PREPARED_KIND
+    legacy = "kind" not in manifest and all(key in manifest for key in _LEGACY_MANIFEST_KEYS)
+    return (marked or legacy) and {p.name for p in path.iterdir()} <= _prepared_entries()
+
+
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output directory that ``prepare`` must not replace; return if it may write there.
+
+    Free: a path that does not exist, or an empty directory. Replaced only with ``overwrite``: an earlier output of
+    ``prepare`` (:func:`is_prepared_output`). Never: a file, or a non-empty directory that is anything else (a run
+    directory, a folder of the user's own files). Raises ``FileExistsError`` with a one-line message; nothing is
+    changed on disk.
+    """
+    out = Path(out)
+    if not out.exists():
+        if out.is_symlink():
+            raise FileExistsError(f"{out} is a dangling symbolic link; choose another --out")
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    if not is_prepared_output(out):
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+        raise FileExistsError(f"{out} is not empty and is not a dataset prepared by p5rec (it holds {shown}); "
+                              "nothing was changed; choose another --out")
+    if not overwrite:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        raise FileExistsError(f"{out} already holds a prepared dataset ({manifest.get('dataset', '?')}, fingerprint "
+                              f"{str(manifest.get('fingerprint'))[:12]}); pass --overwrite to replace it, or choose "
+                              "another --out")
 
 
 class _Clock:
@@ -162,8 +211,14 @@ def prepare(
     on_error: str = "raise",
     columns: dict[str, str] | None = None,
     explainer: str = "feature-opinion",
+    overwrite: bool = False,
 ) -> Path:
     """Prepare ``dataset`` (a registered name, or a file/directory path) into ``out`` (design.md §2).
+
+    ``out`` must not exist, be empty, or (only with ``overwrite``) hold an earlier output of this function
+    (:func:`check_out`); that is checked before any work and again before the end. Everything is written into a
+    hidden sibling directory that is renamed to ``out`` once complete, and only then is an earlier output deleted:
+    an error or a kill at any point leaves ``out`` as it was (at worst a ``.<out>.<hex>.tmp`` sibling remains).
 
     ``fmt``: reader name (guessed from file names if None). ``k``: k-core threshold. ``index``: id strategy
     (``random``, ``sequential``, ``collaborative``). ``seed`` drives the index, the ratio split, the negatives and
@@ -176,6 +231,9 @@ def prepare(
         raise ValueError(f"unknown index strategy {index!r}; expected one of {STRATEGIES}")
     explain.EXTRACTORS.get(explainer)  # fail before reading, not after
     out = Path(out)
+    check_out(out, overwrite)  # before minutes of work, not after
+    for stale in atomic.stale_siblings(out):
+        log.warning("%s was left by an interrupted preparation of %s; delete it to reclaim the space", stale, out)
     clock = _Clock()
     name, fmt, paths = _resolve(dataset, fmt)
     result = readers.read(fmt, paths, on_error=on_error, columns=columns)
@@ -271,70 +329,85 @@ def prepare(
         if family not in skipped:
             families[family] = {"dir": sub, "splits": {s: len(ds) for s, ds in tables[sub].items()}}
 
-    # -- write (datasets' per-table "Saving the dataset" bars would drown the step log)
-    _prepare_out(out)
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
+    # -- write into a temporary sibling, then rename it into place (the module docstring of p5rec.atomic)
+    work = atomic.make_temporary_dir(out)
     try:
-        interactions = _from_pandas(df, INTERACTION_FEATURES)
-        interactions.save_to_disk(str(out / "interactions"))
-        table_hashes = {"interactions": _table_sha256(interactions)}
-        if result.items is not None:
-            result.items.save_to_disk(str(out / "items"))
-            table_hashes["items"] = _table_sha256(result.items)
-        for sub, dd in tables.items():
-            dd.save_to_disk(str(out / sub))
-            for s, ds in dd.items():
-                table_hashes[f"{sub}/{s}"] = _table_sha256(ds)
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    idx.to_json(out / "index.json")
-    table_hashes["index.json"] = _sha256_file(out / "index.json")
-
-    manifest = {
-        "p5rec_version": p5rec.__version__,
-        "dataset": name,
-        "format": fmt,
-        "source": source,
-        "params": {"k": k, "index": index, "seed": seed, "n_negatives": n_negatives, "on_error": on_error,
-                   "columns": columns, "explainer": explainer, "ratios": list(RATIOS)},
-        "seed": seed,
-        "k": k,
-        "counts": {
-            "read": {key: int(v) for key, v in result.counts.items()},
-            "interactions_read": n_read,
-            "duplicates": dup_counts,
-            "kcore_rounds": rounds,
-            "kcore_removed": kcore_removed,
-            "after": {"users": int(n_users), "items": int(n_items), "interactions": int(n_rows)},
-            "sparsity": round(1 - n_rows / (n_users * n_items), 6),
-            "avg_sequence_length": round(n_rows / n_users, 4),
-            "short_users": loo.short_users,
-            "moved_to_train": int(moved),
-        },
-        "families": families,
-        "skipped": skipped,
-        "notes": notes,
-        "explanation": expl_stats,
-        "index": {"strategy": idx.strategy, "levels": idx.levels, "users": len(idx.users), "items": len(idx.items),
-                  "file": "index.json"},
-        "tables": table_hashes,
-    }
-    manifest["fingerprint"] = fingerprint(manifest)
-    clock.step("write", "wrote %s (fingerprint %s)", out, manifest["fingerprint"][:12])
-    manifest["timings"] = {**clock.timings, "total": clock.total()}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        table_hashes = _write_tables(work, df, result.items, tables, idx)
+        manifest = {
+            "kind": PREPARED_KIND,
+            "p5rec_version": p5rec.__version__,
+            "dataset": name,
+            "format": fmt,
+            "source": source,
+            "params": {"k": k, "index": index, "seed": seed, "n_negatives": n_negatives, "on_error": on_error,
+                       "columns": columns, "explainer": explainer, "ratios": list(RATIOS)},
+            "seed": seed,
+            "k": k,
+            "counts": {
+                "read": {key: int(v) for key, v in result.counts.items()},
+                "interactions_read": n_read,
+                "duplicates": dup_counts,
+                "kcore_rounds": rounds,
+                "kcore_removed": kcore_removed,
+                "after": {"users": int(n_users), "items": int(n_items), "interactions": int(n_rows)},
+                "sparsity": round(1 - n_rows / (n_users * n_items), 6),
+                "avg_sequence_length": round(n_rows / n_users, 4),
+                "short_users": loo.short_users,
+                "moved_to_train": int(moved),
+            },
+            "families": families,
+            "skipped": skipped,
+            "notes": notes,
+            "explanation": expl_stats,
+            "index": {"strategy": idx.strategy, "levels": idx.levels, "users": len(idx.users),
+                      "items": len(idx.items), "file": "index.json"},
+            "tables": table_hashes,
+        }
+        manifest["fingerprint"] = fingerprint(manifest)
+        clock.step("write", "wrote %s (fingerprint %s)", out, manifest["fingerprint"][:12])
+        manifest["timings"] = {**clock.timings, "total": clock.total()}
+        atomic.write_text(work / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        check_out(out, overwrite)  # the target may have changed while we worked
+        atomic.replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     log.info("prepared %s in %.1fs: %s", name, manifest["timings"]["total"],
              ", ".join(f"{f} {sum(v['splits'].values())}" for f, v in families.items()))
     return out
 
 
+def _write_tables(work: Path, df: pd.DataFrame, items: datasets.Dataset | None, tables: dict,
+                  idx: Index) -> dict[str, str]:
+    """Save the cleaned interactions, the items, every family table and index.json into ``work``; return the
+    content hashes for ``manifest["tables"]``."""
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # datasets' per-table "Saving the dataset" bars would drown the step log
+    try:
+        interactions = _from_pandas(df, INTERACTION_FEATURES)
+        interactions.save_to_disk(str(work / "interactions"))
+        table_hashes = {"interactions": _table_sha256(interactions)}
+        if items is not None:
+            items.save_to_disk(str(work / "items"))
+            table_hashes["items"] = _table_sha256(items)
+        for sub, dd in tables.items():
+            dd.save_to_disk(str(work / sub))
+            for s, ds in dd.items():
+                table_hashes[f"{sub}/{s}"] = _table_sha256(ds)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    idx.to_json(work / "index.json")
+    table_hashes["index.json"] = _sha256_file(work / "index.json")
+    return table_hashes
+
+
 def fingerprint(manifest: dict) -> str:
     """sha256 over the canonical content of a manifest: everything except ``timings``, ``fingerprint``, the
-    dataset's name and the source *paths* (the source checksums stay), so the same file prepared by name or by
-    path, from any directory, compares equal."""
-    content = {key: v for key, v in manifest.items() if key not in ("timings", "fingerprint", "source", "dataset")}
+    dataset's name, the source *paths* (the source checksums stay) and the ``kind`` marker, so the same file
+    prepared by name or by path, from any directory, by this version or one before the marker, compares equal."""
+    content = {key: v for key, v in manifest.items()
+               if key not in ("timings", "fingerprint", "source", "dataset", "kind")}
     content["source_sha256"] = [s["sha256"] for s in manifest.get("source", [])]
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -480,7 +553,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     try:
         prepare(dataset, out, fmt=args.format, k=args.k, index=args.index, seed=args.seed,
                 n_negatives=args.n_negatives, on_error=args.on_error, columns=args.columns,
-                explainer=args.explainer)
+                explainer=args.explainer, overwrite=args.overwrite)
     except _errors() as exc:
         return _fail(exc)
     print(out)
@@ -553,7 +626,10 @@ def add_cli(subparsers) -> None:
     src.add_argument("--dataset", help="registered dataset name (p5rec data list)")
     src.add_argument("--path", help="a data file or directory")
     p.add_argument("--format", default=None, help="reader name (default: guessed from file names)")
-    p.add_argument("--out", default=None, help="output directory (default: prepared/<name>)")
+    p.add_argument("--out", default=None, help="output directory (default: prepared/<name>); must not exist or be "
+                   "empty, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier `p5rec data prepare` output at --out (never any other directory)")
     p.add_argument("--k", type=int_at_least(0), default=5, help="k-core threshold (default 5; 0 or 1: no filter)")
     p.add_argument("--index", choices=STRATEGIES, default="random", help="item/user id strategy")
     p.add_argument("--seed", type=int, default=42)

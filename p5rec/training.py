@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from p5rec import atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -121,6 +123,12 @@ class DataArguments:
         default=200, metadata={"help": "users for yes/no-per-candidate templates (each costs 100 prompts; 0: all)"}
     )
     skip_test: bool = field(default=False, metadata={"help": "train only; evaluate later with `p5rec evaluate`"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "replace the p5rec run already in --output_dir (its files are removed first; other files "
+                  "stay). Without it a non-empty --output_dir is refused unless --resume_from_checkpoint names a "
+                  "checkpoint inside it"},
+    )
     sasrec_baseline: bool = field(
         default=True, metadata={"help": "train SASRec on the same split as the sequential family's baseline"}
     )
@@ -199,10 +207,116 @@ def prepare_data(dargs: DataArguments, seed: int):
     name = Path(dargs.dataset).name.replace(".", "_")
     out = cache / "prepared" / f"{name}-{dargs.index}-k{dargs.k_core}-seed{seed}"
     if not (out / "manifest.json").exists():
-        prepare(dargs.dataset, out, fmt=dargs.data_format, k=dargs.k_core, index=dargs.index, seed=seed)
+        try:
+            prepare(dargs.dataset, out, fmt=dargs.data_format, k=dargs.k_core, index=dargs.index, seed=seed)
+        except FileExistsError:
+            if not (out / "manifest.json").exists():
+                raise
+            logger.info("another process prepared %s meanwhile; using it", out)  # same settings, same content
     else:
         logger.info("using prepared data %s", out)
     return load_prepared(out)
+
+
+# What a run writes at the top of its directory (design.md §5), and nothing else: `--overwrite_output_dir` removes
+# exactly these, so a user's own file in the directory survives a re-run.
+RUN_FILES = (
+    "run_config.json", "versions.json", "manifest.json", "index.json", "train_log.txt", "train_results.json",
+    "learning_curve.json", "results.json", "results.md", "config.json", "generation_config.json",
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model", "trainer_state.json",
+    "training_args.bin", "all_results.json", "eval_results.json",
+)
+RUN_PATTERNS = ("checkpoint-*", "results-*.json", "results-*.md", "model-*-of-*.safetensors")
+
+
+class OutputDirError(FileExistsError):
+    """A --output_dir that training must not write into as asked; the message says why and what to pass."""
+
+
+def is_run_file(path: Path) -> bool:
+    """Whether ``path`` (an entry at the top of a run directory) is one a p5rec run writes."""
+    return path.name in RUN_FILES or any(path.match(pattern) for pattern in RUN_PATTERNS)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a complete Trainer checkpoint. The Trainer writes ``trainer_state.json`` last (after
+    the weights, optimizer, scheduler and RNG states), so a checkpoint killed half-way has none, or a truncated
+    one that does not parse."""
+    try:
+        json.loads((Path(path) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``run_dir`` (half-written ones skipped), or None: what to
+    pass as ``--resume_from_checkpoint`` after a crash."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_checkpoint(p)]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def check_output_dir(run_dir: Path, resume_from_checkpoint: str | None, overwrite: bool) -> bool:
+    """Decide, before anything is written, whether training may write into ``run_dir``; True if the files of an
+    earlier run must be cleared first (:func:`clear_run_files`).
+
+    A missing or empty directory is free. A non-empty one is written into only when resuming from a complete
+    checkpoint inside it (the run continues where it stopped), or with ``overwrite`` when it holds a p5rec run
+    (its run files go, other files stay); a non-empty directory that is not a run is never written into. A
+    ``resume_from_checkpoint`` that is not a complete checkpoint is refused whatever the directory holds.
+    Raises :class:`OutputDirError` or ``FileNotFoundError`` with one-line messages.
+    """
+    run_dir = Path(run_dir)
+    if resume_from_checkpoint:
+        checkpoint = Path(resume_from_checkpoint)
+        if not is_checkpoint(checkpoint):
+            why = "no such directory" if not checkpoint.is_dir() else "incomplete: no readable trainer_state.json"
+            last = last_checkpoint(run_dir) if run_dir.is_dir() else None
+            hint = f"; the last complete checkpoint in {run_dir} is {last}" if last else ""
+            raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: not a checkpoint ({why}){hint}; "
+                                    f"nothing in {run_dir} was changed")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputDirError(f"--output_dir {run_dir} exists and is not a directory")
+    entries = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    if not entries:
+        return False
+    inside = bool(resume_from_checkpoint) and Path(resume_from_checkpoint).resolve().is_relative_to(run_dir.resolve())
+    if inside:
+        if overwrite:
+            raise OutputDirError(f"--overwrite_output_dir would delete {resume_from_checkpoint}, the checkpoint to "
+                                 "resume from; pass one of the two")
+        return False
+    # a run, or one killed before its run_config.json (train_log.txt is the first file a run writes)
+    is_run = (run_dir / "run_config.json").is_file() or (
+        (run_dir / "train_log.txt").is_file() and all(is_run_file(p) for p in entries))
+    shown = ", ".join(p.name for p in entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    if not is_run:
+        raise OutputDirError(f"--output_dir {run_dir} is not empty and is not a p5rec run (it holds {shown}); "
+                             "choose another --output_dir")
+    if not overwrite:
+        raise OutputDirError(f"--output_dir {run_dir} already holds a run ({shown}); pass --overwrite_output_dir "
+                             "true to replace it, --resume_from_checkpoint with one of its checkpoints to continue "
+                             "it, or choose another --output_dir")
+    return True
+
+
+def clear_run_files(run_dir: Path) -> list[Path]:
+    """Remove what an earlier run wrote at the top of ``run_dir`` (:data:`RUN_FILES`, :data:`RUN_PATTERNS`), so a
+    new run never mixes with an old one; anything else is kept and named in a warning. Returns what was removed."""
+    removed, kept = [], []
+    for entry in sorted(Path(run_dir).iterdir()):
+        if not is_run_file(entry):
+            kept.append(entry.name)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry)
+    logger.warning("--overwrite_output_dir: removed %d files of the earlier run in %s%s", len(removed), run_dir,
+                   f"; kept {', '.join(kept)} (not written by p5rec)" if kept else "")
+    return removed
 
 
 def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
@@ -216,13 +330,17 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     from p5rec.templates import RenderConfig, load_templates
 
     started = time.time()
+    if not targs.output_dir:
+        targs.output_dir = default_output_dir(margs, dargs)
+    run_dir = Path(targs.output_dir)
+    # before anything is written there: a refused or failed resume leaves the directory exactly as it was
+    clear = check_output_dir(run_dir, targs.resume_from_checkpoint, dargs.overwrite_output_dir)
     if isinstance(targs.resume_from_checkpoint, str) and targs.resume_from_checkpoint:
         from p5rec.run import check_checkpoint
 
         check_checkpoint(Path(targs.resume_from_checkpoint))  # a damaged file fails now, not after data and mixture
-    if not targs.output_dir:
-        targs.output_dir = default_output_dir(margs, dargs)
-    run_dir = Path(targs.output_dir)
+    if clear:
+        clear_run_files(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _add_file_log(run_dir / "train_log.txt")
     set_seed(targs.seed)
@@ -306,13 +424,13 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     trainer.save_state()
     metrics = dict(train_result.metrics)
     metrics["train_rows"] = len(train)
-    (run_dir / "train_results.json").write_text(json.dumps(metrics, indent=2))
+    atomic.write_text(run_dir / "train_results.json", json.dumps(metrics, indent=2))
     logger.info("training done in %.0fs: %s", metrics.get("train_runtime", 0), metrics)
 
     if not dargs.skip_test:
-        from p5rec.evaluation import EvalConfig, evaluate_run
+        from p5rec.evaluation import FULL_RESULTS, EvalConfig, evaluate_run
 
-        evaluate_run(
+        evaluate_run(  # the run's own evaluation, as its flags cap it: results.json, whatever the caps
             run_dir,
             EvalConfig(
                 max_cases=dargs.test_max_cases,
@@ -326,6 +444,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
             tokenizer=tokenizer,
             prepared=prepared,
             templates=templates,
+            out=run_dir / FULL_RESULTS,
         )
     total = time.time() - started
     _update_json(run_dir / "run_config.json", {"wall_clock_seconds": round(total, 1)})
@@ -347,10 +466,10 @@ def _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec
         "parameters": sum(p.numel() for p in model.parameters()),
         "prepared_dir": str(prepared.path),
     }
-    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
-    (run_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
-    shutil.copy(Path(prepared.path) / "manifest.json", run_dir / "manifest.json")
-    shutil.copy(Path(prepared.path) / "index.json", run_dir / "index.json")
+    atomic.write_text(run_dir / "run_config.json", json.dumps(config, indent=2, default=str))
+    atomic.write_text(run_dir / "versions.json", json.dumps(_versions(), indent=2))
+    atomic.copy_file(Path(prepared.path) / "manifest.json", run_dir / "manifest.json")
+    atomic.copy_file(Path(prepared.path) / "index.json", run_dir / "index.json")
 
 
 def _versions() -> dict:
@@ -376,13 +495,20 @@ def _versions() -> dict:
 def _update_json(path: Path, values: dict) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(values)
-    path.write_text(json.dumps(data, indent=2, default=str))
+    atomic.write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _add_file_log(path: Path) -> None:
+    """Log to the run's train_log.txt, and only to this run's: the handler of a run started earlier in the same
+    process is closed first, so its file never receives another run's lines."""
+    root = logging.getLogger()
+    for earlier in [h for h in root.handlers if getattr(h, "p5rec_run_log", False)]:
+        root.removeHandler(earlier)
+        earlier.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    handler.p5rec_run_log = True
+    root.addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,8 @@ def test_shipped_registry():
     }
     assert all(e.license and e.homepage and e.citation for e in entries.values())
     assert [e.name for e in hub.list_datasets()] == list(entries)
+    # every download goes over https; a null sha256 means trust on first use (tested below)
+    assert all(f.url.startswith("https://") for e in entries.values() for f in e.files if f.url)
 
 
 def test_registry_checks(tmp_path):
@@ -237,7 +239,8 @@ def test_zip_archive_is_downloaded_and_extracted(tmp_path, server):
     assert resolved.origin == "download"
     assert resolved.paths == [cache / "ml" / "ml-100k"]
     assert resolved.sha256 == {"ml-100k.zip": sha(archive)}
-    assert [p.name for p in files_under(cache)] == ["README", "u.data", "ml-100k.zip"]
+    # the archive, what it extracted to, and the checksum of this first download (the registry pins none)
+    assert [p.name for p in files_under(cache)] == ["README", "u.data", "ml-100k.zip", "ml-100k.zip.sha256"]
     result = readers.read(resolved.format, resolved.paths)
     assert result.interactions["user"] == ["1", "2"] and result.interactions["rating"] == [4.0, 3.0]
 
@@ -259,3 +262,67 @@ def test_archive_in_data_dir_is_extracted_into_cache(tmp_path):
     assert sorted(p.name for p in own.iterdir()) == ["ml-100k.zip"]
     again = resolve("ml", registry=registry, data_dir=tmp_path / "mine", cache_dir=tmp_path / "cache")
     assert again.paths == resolved.paths and again.sha256 == {"ml-100k.zip": sha(archive)}
+
+
+# --- Trust on first use (files the registry does not pin) ------------------------------------------------------------
+
+
+def test_first_download_is_recorded_and_every_later_use_checked(tmp_path, server):
+    data = gz_bytes(REVIEWS)
+    (server.root / "reviews_Tiny_5.json.gz").write_bytes(data)
+    registry = write_registry(tmp_path / "r.yaml", [{
+        "name": "tiny", "format": "amazon2014",
+        "files": [{"name": "reviews_Tiny_5.json.gz", "url": f"{server.url}/reviews_Tiny_5.json.gz", "sha256": None}]}])
+    cache = tmp_path / "cache"
+    resolved = resolve("tiny", registry=registry, cache_dir=cache)
+    file = resolved.paths[0]
+    record = hub.record_path(file)
+    assert record == cache / "tiny" / "reviews_Tiny_5.json.gz.sha256"
+    assert record.read_text() == f"{sha(data)}  reviews_Tiny_5.json.gz\n"  # sha256sum -c reads it
+    assert files_under(cache) == [file, record]  # no temporary file left behind
+
+    server.stop()  # later uses come from the cache, checked against the record
+    assert resolve("tiny", registry=registry, cache_dir=cache).origin == "cache"
+    changed = gz_bytes(REVIEWS[:1])
+    file.write_bytes(changed)
+    with pytest.raises(ChecksumError) as info:
+        resolve("tiny", registry=registry, cache_dir=cache)
+    message = str(info.value)
+    assert "\n" not in message and str(file) in message and sha(data) in message and sha(changed) in message
+    assert file.read_bytes() == changed and record.read_text().startswith(sha(data))  # nothing silently replaced
+
+
+def test_a_new_download_must_match_the_first(tmp_path, server):
+    """The file on the server changed since the first download: the new copy is refused and nothing is kept."""
+    first, later = gz_bytes(REVIEWS), gz_bytes(REVIEWS[:1])
+    (server.root / "reviews_Tiny_5.json.gz").write_bytes(first)
+    registry = write_registry(tmp_path / "r.yaml", [{
+        "name": "tiny", "format": "amazon2014",
+        "files": [{"name": "reviews_Tiny_5.json.gz", "url": f"{server.url}/reviews_Tiny_5.json.gz", "sha256": None}]}])
+    cache = tmp_path / "cache"
+    file = resolve("tiny", registry=registry, cache_dir=cache).paths[0]
+    file.unlink()  # the cached copy is gone, its record stays
+    (server.root / "reviews_Tiny_5.json.gz").write_bytes(later)
+    with pytest.raises(ChecksumError, match=f"{sha(later)} differs from {sha(first)}"):
+        resolve("tiny", registry=registry, cache_dir=cache)
+    assert files_under(cache) == [hub.record_path(file)]
+
+
+def test_cached_file_without_record_is_recorded_on_first_use(tmp_path):
+    """A file put into the cache by hand, or by a p5rec before records existed, is trusted once, then checked."""
+    data = gz_bytes(REVIEWS)
+    registry = write_registry(tmp_path / "r.yaml", [{
+        "name": "tiny", "format": "amazon2014",
+        "files": [{"name": "reviews_Tiny_5.json.gz", "url": "http://127.0.0.1:9/never", "sha256": None}]}])
+    cache = tmp_path / "cache"
+    file = cache / "tiny" / "reviews_Tiny_5.json.gz"
+    file.parent.mkdir(parents=True)
+    file.write_bytes(data)
+    assert resolve("tiny", registry=registry, cache_dir=cache).origin == "cache"
+    assert hub.read_record(file) == sha(data)
+    file.write_bytes(b"corrupt")
+    with pytest.raises(ChecksumError, match="recorded at its first download"):
+        resolve("tiny", registry=registry, cache_dir=cache)
+    hub.record_path(file).write_text("not a checksum\n")
+    with pytest.raises(ChecksumError, match="not a sha256 record"):
+        resolve("tiny", registry=registry, cache_dir=cache)

@@ -66,9 +66,17 @@ def test_reload_reproduces_the_runs_predictions(run_dir, tmp_path):
     before = json.loads((run_dir / "results.json").read_text())
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    from p5rec.evaluation import EvalConfig, results_path
+
+    full = (copy / "results.json").read_bytes()
+    templates = ("2-1", "2-7", "1-1", "3-1", "4-1", "5-5", "5-1")
     assert cli(["evaluate", "--run", str(copy), "--max-users", "12", "--max-candidate-users", "3",
-                "--templates", "2-1,2-7,1-1,3-1,4-1,5-5,5-1"]) == 0
-    after = json.loads((copy / "results.json").read_text())
+                "--templates", ",".join(templates)]) == 0
+    # a partial evaluation writes beside the run's full results, never over them
+    written = results_path(copy, EvalConfig(max_cases=12, max_candidate_cases=3, templates=templates))
+    assert written.name.startswith("results-test-") and written.with_suffix(".md").is_file()
+    assert (copy / "results.json").read_bytes() == full
+    after = json.loads(written.read_text())
     # the saved run's prompt length is used, not a default
     assert after["eval_config"]["max_source_length"] == before["eval_config"]["max_source_length"] == 160
     for tid in ["2-1", "2-7", "1-1", "3-1", "4-1", "5-5", "5-1"]:
@@ -148,7 +156,11 @@ def test_predict_batch_file(run_dir, tmp_path):
     lines.append({"task": "rating", "user": users[1], "item": items[1]})
     reqs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "answers.jsonl"
-    assert cli(["predict", "--run", str(run_dir), "--input", str(reqs), "--output", str(out)]) == 0
+    out.write_text("earlier answers\n")
+    assert cli(["predict", "--run", str(run_dir), "--input", str(reqs), "--output", str(out)]) == 2
+    assert out.read_text() == "earlier answers\n"
+    assert cli(["predict", "--run", str(run_dir), "--input", str(reqs), "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "requests.jsonl"]  # no temporary left
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     assert [a["line"] for a in answers] == list(range(1, 8))
     assert all(len(a["items"]) == 3 for a in answers[:5])

@@ -138,3 +138,72 @@ def test_musical_instruments_end_to_end(tmp_path):
     assert set(m["families"]) == set(FAMILY_DIRS)
     assert m["families"]["sequential"]["splits"]["test"] == 1429
     assert m["source"][0]["sha256"] == "03f9cc27ae13a454cb4ea6cb620fb10546cc1194ef921441d1c5f34addff2748"
+
+
+# --- Output directories are never deleted or mixed -------------------------------------------------------------------
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes: what must stay exactly as it was."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_prepare_refuses_what_it_did_not_write(amazon, tmp_path, capsys):
+    src, prepared = amazon
+    thesis = tmp_path / "thesis"  # a manifest.json of one's own, beside other work
+    thesis.mkdir()
+    (thesis / "manifest.json").write_text('{"title": "my thesis"}')
+    (thesis / "thesis.tex").write_text("\\documentclass{article}")
+    run = tmp_path / "run"  # a run directory holds a copy of the prepared manifest, beside its model
+    run.mkdir()
+    (run / "manifest.json").write_bytes((prepared / "manifest.json").read_bytes())
+    (run / "model.safetensors").write_bytes(b"weights")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for target in (thesis, run, a_file):
+        before = tree(tmp_path)
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match="choose another --out"):
+                prepare(src, target, k=2, n_negatives=2, overwrite=overwrite)
+        assert tree(tmp_path) == before, target
+    assert main(["data", "prepare", "--path", str(src), "--out", str(thesis), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "thesis.tex" in err and "not a dataset prepared by p5rec" in err
+    assert (thesis / "thesis.tex").read_text() == "\\documentclass{article}"
+    empty = tmp_path / "empty"  # an empty directory is free
+    empty.mkdir()
+    assert load_prepared(prepare(src, empty, k=2, n_negatives=2)).manifest["kind"] == "p5rec-prepared"
+
+
+def test_prepare_replaces_its_own_output_only_with_overwrite(amazon, tmp_path, capsys):
+    src, _ = amazon
+    out = prepare(src, tmp_path / "out", k=2, n_negatives=2, seed=3)
+    first = tree(out)
+    with pytest.raises(FileExistsError, match="already holds a prepared dataset .*pass --overwrite"):
+        prepare(src, out, k=2, n_negatives=2, seed=4)
+    assert main(["data", "prepare", "--path", str(src), "--out", str(out), "--k", "2", "--seed", "4"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert tree(out) == first
+    prepare(src, out, k=2, n_negatives=2, seed=4, overwrite=True)
+    replaced = load_prepared(out).manifest
+    assert replaced["params"]["seed"] == 4 and tree(out) != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old sibling left
+
+
+def test_older_outputs_are_recognised_and_keep_their_fingerprint(amazon, tmp_path):
+    """Outputs written before the "kind" marker are still p5rec's own, and the marker is not part of the
+    fingerprint, so runs trained on older preparations still match them."""
+    from p5rec.prepare import fingerprint, is_prepared_output
+
+    src, _ = amazon
+    out = prepare(src, tmp_path / "out", k=2, n_negatives=2, seed=3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["kind"]
+    assert fingerprint(manifest) == manifest["fingerprint"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert is_prepared_output(out)
+    (out / "notes.txt").write_text("mine")
+    assert not is_prepared_output(out)
+    (out / "notes.txt").unlink()
+    prepare(src, out, k=2, n_negatives=2, seed=3, overwrite=True)
+    assert load_prepared(out).manifest["fingerprint"] == manifest["fingerprint"]

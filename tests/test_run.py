@@ -98,7 +98,10 @@ def test_evaluate_uses_the_runs_template_files_and_refuses_bad_selections(seq_ru
     assert "unknown families or templates ['sequentail']" in capsys.readouterr().err
     assert (copy / "results.json").read_text() == before
     assert cli(["evaluate", "--run", str(copy), "--templates", "my-seq", "--max-users", "10"]) == 0
-    after = json.loads((copy / "results.json").read_text())
+    assert (copy / "results.json").read_text() == before  # a partial evaluation writes beside it
+    written = capsys.readouterr().out.strip().splitlines()[-1]
+    assert written.startswith("p5rec evaluate: wrote ") and "results-test-" in written
+    after = json.loads(Path(written.split()[3]).read_text())
     assert after["templates"]["my-seq"]["metrics"] == json.loads(before)["templates"]["my-seq"]["metrics"]
 
 
