@@ -51,6 +51,13 @@ ROWS = {
     # name: index strategy, id form, extra train.py arguments, templates scored on test
     "seq-random": dict(index="random", form="token", templates="2-S1,2-S2", score="2-S1,2-S3",
                        args=SEQUENCE_RECIPE),
+    # the same with a user token in the prompt (personalised sequences; each user's token is trained once per epoch)
+    "seq-users-random": dict(index="random", form="token", templates="2-S1,2-S2", score="2-S1,2-S3",
+                             args=SEQUENCE_RECIPE + ["--anonymous_users", "false"]),
+    # random batches as SASRec draws them (length-grouped batches are ~2.2x faster per epoch but learn less per
+    # epoch, see bench/README.md): 0.6 of the epochs, about the same training time
+    "seq-random-batches": dict(index="random", form="token", templates="2-S1,2-S2", score="2-S1,2-S3",
+                               args=SEQUENCE_RECIPE + ["--train_sampling_strategy", "random"], epochs_scale=0.6),
     "seq-collaborative": dict(index="collaborative", form="token", templates="2-S1,2-S2", score="2-S1",
                               args=SEQUENCE_RECIPE),
     # 2-1 on every training position (131k rows a pass) beside 4 sequence rows per user (89k): a pass costs

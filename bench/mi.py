@@ -41,11 +41,11 @@ ROWS = [
 
 def run_config(name: str) -> None:
     run_dir = ROOT / "runs" / f"mi-{name}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a partial run: start again (train.py resumes only when told)
     t0 = time.time()
+    # an earlier run of this config is replaced (train.py clears only its own run files there); start again
+    # rather than resume, so the wall-clock time is the whole job's
     subprocess.run([sys.executable, "train.py", "--output_dir", str(run_dir), "--disable_tqdm", "true",
-                    *CONFIGS[name]], check=True, cwd=ROOT)
+                    "--overwrite_output_dir", "true", *CONFIGS[name]], check=True, cwd=ROOT)
     wall = round(time.time() - t0, 1)
     results = json.loads((run_dir / "results.json").read_text())
     results["wall_clock_seconds"] = wall

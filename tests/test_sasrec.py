@@ -114,6 +114,17 @@ def test_early_stopping_restores_best_epoch(cycle_dd):
     assert model.best_valid_ndcg10 == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("exclude", [True, False])
+def test_best_epoch_is_chosen_on_the_reported_protocol(cycle_dd, exclude):
+    valid = cycle_dd["valid"]
+    model, _ = S.fit(list(valid["history"]), _config(epochs=6, patience=99, select_exclude_history=exclude),
+                     valid=(list(valid["history"]), list(valid["target"])))
+    key = "valid_NDCG@10_exclude_history" if exclude else "valid_NDCG@10"
+    scores = [p[key] for p in model.curve]
+    assert model.best_valid_ndcg10 == pytest.approx(max(scores))
+    assert model.best_epoch == model.curve[scores.index(max(scores))]["epoch"]
+
+
 def test_evaluate_sasrec_trains_with_early_stopping(cycle_dd):
     metrics = S.evaluate_sasrec(cycle_dd, _config(epochs=30, patience=3), split="valid")
     assert metrics["exclude_history"]["n"] == 60
