@@ -128,11 +128,8 @@ def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path,
             args = ["timeout", "--signal=INT", f"{int(chunk_minutes * 60)}"] + args
         run(args)
     t0 = time.time()
-    run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential",
-         "--templates", spec["score"], "--max-users", "0", "--batch-size", "256", "--no-sasrec"])
-    # a partial evaluation writes results-test-<selection hash>.json beside the run's results.json
-    written = [p for p in run_dir.glob("results-test-*.json") if p.stat().st_mtime >= t0]
-    report = json.loads(max(written, key=lambda p: p.stat().st_mtime).read_text())
+    report = score(run_dir, spec["score"], py)
+    report["exclude_history"] = score(run_dir, spec["score"], py, exclude_history=True)["templates"]
     config = json.loads((run_dir / "run_config.json").read_text())
     trained = json.loads((run_dir / "train_results.json").read_text())
     report.update(
@@ -141,6 +138,27 @@ def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path,
         learning_curve=json.loads((run_dir / "learning_curve.json").read_text()),
         run_config=config,
     )
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+
+
+def score(run_dir: Path, templates: str, py: str, exclude_history: bool = False) -> dict:
+    """Test scores of ``templates`` on every test user: P5's protocol (history items may be recommended), or
+    SASRec's (``exclude_history``). Returns the partial-results report ``p5rec evaluate`` writes."""
+    t0 = time.time()
+    run([py, "-m", "p5rec.cli", "evaluate", "--run", str(run_dir), "--families", "sequential", "--templates",
+         templates, "--max-users", "0", "--batch-size", "256", "--no-sasrec",
+         *(["--exclude-history"] if exclude_history else [])])
+    # a partial evaluation writes results-test-<selection hash>.json beside the run's results.json
+    written = [p for p in run_dir.glob("results-test-*.json") if p.stat().st_mtime >= t0]
+    return json.loads(max(written, key=lambda p: p.stat().st_mtime).read_text())
+
+
+def add_excluded(name: str, work: Path, out: Path, py: str) -> None:
+    """Score a row of an earlier invocation under SASRec's protocol too, if it was not (no retraining)."""
+    report = json.loads((out / f"{name}.json").read_text())
+    if "exclude_history" in report or not (work / name / "train_results.json").exists():
+        return
+    report["exclude_history"] = score(work / name, ROWS[name]["score"], py, exclude_history=True)["templates"]
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
 
 
@@ -155,36 +173,45 @@ def sasrec(budget: dict, work: Path, out: Path, py: str) -> None:
 
 
 def table(out: Path) -> str:
-    """The table from every JSON file in ``out``: p5rec rows (each scored template), popularity, SASRec."""
-    rows, pop = [], None
-    for f in sorted(out.glob("*.json")):
-        r = json.loads(f.read_text())
-        if f.stem.startswith("sasrec"):
-            m = r["metrics"]["no_exclusion"]
-            when = r.get("invocation", f.stem.removeprefix("sasrec-") or "earlier invocation")
-            label = f"SASRec (p5rec's, full-softmax CE, {r.get('epochs_run')} epochs, best {r.get('best_epoch')})"
-            rows.append((label, [m[k] for k in KEYS], r.get("wall_seconds", {}).get("fit"), when))
-            continue
-        if "templates" not in r:
-            continue
-        when = r.get("invocation", "earlier invocation")
-        label = LEGACY.get(f.stem, f"p5rec {r.get('row', f.stem)}")
-        train_s = r.get("train_seconds") or r.get("wall_clock_seconds")
-        for tid, t in r["templates"].items():
-            proto = t.get("protocol") or ("full ranking" if t["kind"] == "item" else t["kind"])
-            seen = "" if t.get("seen", True) else ", unseen"
-            rows.append((f"{label}: {tid} ({proto}{seen})", [t["metrics"][k] for k in KEYS], train_s, when))
-        pop = pop or r["baselines"].get("sequential", {}).get("popularity")
-    if pop:
-        rows.append(("popularity", [pop[k] for k in KEYS], None, ""))
-    lines = ["| model | HR@5 | NDCG@5 | HR@10 | NDCG@10 | training s | run |", "|---|---|---|---|---|---|---|"]
-    for n, vals, secs, when in rows:
-        cells = " | ".join(f"{v:.4f}" for v in vals)
-        lines.append(f"| {n} | {cells} | {'' if secs is None else round(secs)} | {when} |")
-    for n, vals in PUBLISHED.items():
-        cells = " | ".join("–" if v is None else f"{v:.4f}" for v in vals)
-        lines.append(f"| {n} (published) | {cells} | | |")
-    return "\n".join(lines) + "\n"
+    """The tables from every JSON file in ``out``: p5rec rows (each scored template), popularity, SASRec; first
+    under P5's protocol (history items may be recommended), then under SASRec's (history items excluded)."""
+    parts = []
+    for excluded in (False, True):
+        rows, pop = [], None
+        for f in sorted(out.glob("*.json")):
+            r = json.loads(f.read_text())
+            if f.stem.startswith("sasrec"):
+                m = r["metrics"]["exclude_history" if excluded else "no_exclusion"]
+                when = r.get("invocation", f.stem.removeprefix("sasrec-") or "earlier invocation")
+                label = f"SASRec (p5rec's, full-softmax CE, {r.get('epochs_run')} epochs, best {r.get('best_epoch')})"
+                rows.append((label, [m[k] for k in KEYS], r.get("wall_seconds", {}).get("fit"), when))
+                continue
+            if "templates" not in r or (excluded and "exclude_history" not in r):
+                continue
+            when = r.get("invocation", "earlier invocation")
+            label = LEGACY.get(f.stem, f"p5rec {r.get('row', f.stem)}")
+            train_s = r.get("train_seconds") or r.get("wall_clock_seconds")
+            for tid, t in (r["exclude_history"] if excluded else r["templates"]).items():
+                proto = t.get("protocol") or ("full ranking" if t["kind"] == "item" else t["kind"])
+                seen = "" if t.get("seen", True) else ", unseen"
+                rows.append((f"{label}: {tid} ({proto}{seen})", [t["metrics"][k] for k in KEYS], train_s, when))
+            base = r["baselines"].get("sequential", {})
+            pop = pop or base.get("popularity (history excluded)" if excluded else "popularity")
+        if pop:
+            rows.append(("popularity", [pop[k] for k in KEYS], None, ""))
+        title = ("History items excluded from the answers (SASRec's protocol)" if excluded
+                 else "History items may be recommended (P5's protocol)")
+        lines = [f"### {title}", "", "| model | HR@5 | NDCG@5 | HR@10 | NDCG@10 | training s | run |",
+                 "|---|---|---|---|---|---|---|"]
+        for n, vals, secs, when in rows:
+            cells = " | ".join(f"{v:.4f}" for v in vals)
+            lines.append(f"| {n} | {cells} | {'' if secs is None else round(secs)} | {when} |")
+        if not excluded:
+            for n, vals in PUBLISHED.items():
+                cells = " | ".join("–" if v is None else f"{v:.4f}" for v in vals)
+                lines.append(f"| {n} (published) | {cells} | | |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def plot(out: Path) -> Path | None:
@@ -246,6 +273,8 @@ def main() -> None:
         for name in args.rows.split(","):
             if (out / f"{name}.json").exists():
                 logger.info("%s: done already (%s); delete it to run again", name, out / f"{name}.json")
+                if name in ROWS:
+                    add_excluded(name, work, out, sys.executable)
                 continue
             if name == "sasrec":
                 if not (work / "prepared-random" / "manifest.json").exists():
