@@ -93,10 +93,13 @@ class DataArguments:
     )
     max_review_words: int = field(default=32, metadata={"help": "review words shown in review prompts"})
     max_history: int = field(default=20, metadata={"help": "most recent items shown in a history"})
-    sequence_renders: int = field(
-        default=1,
+    sequence_renders: Optional[int] = field(
+        default=None,
         metadata={"help": "training rows per user for `sequence` templates (the target is the user's item "
-                  "sequence: one row trains every position of it); 0 leaves them out"},
+                  "sequence: one row trains every position of it); 0 leaves them out. Default: 1 when "
+                  "--templates names one, else 0 (the main job's mixture: with T5's embedding defaults they cost "
+                  "the other families, and the recipe that makes them learn breaks the text families; "
+                  "bench/README.md)"},
     )
     max_sequence: int = field(default=50, metadata={"help": "most recent items in a `sequence` target"})
     sequence_eos: bool = field(
@@ -139,6 +142,13 @@ class DataArguments:
 
     def template_list(self) -> list[str] | None:
         return [t.strip() for t in self.templates.split(",") if t.strip()] if self.templates else None
+
+    def sequence_render_count(self, templates) -> int:
+        """``sequence_renders``, or its default: 1 if ``--templates`` names a ``sequence`` template, else 0."""
+        if self.sequence_renders is not None:
+            return self.sequence_renders
+        named = self.template_list() or ()
+        return int(any(t in templates and templates.get(t).scoring == "sequence" for t in named))
 
     def family_list(self) -> tuple[str, ...]:
         return tuple(f.strip() for f in self.families.split(",") if f.strip())
@@ -359,7 +369,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         max_review_words=dargs.max_review_words,
         anonymous_users=dargs.anonymous_users,
         max_sequence=dargs.max_sequence,
-        sequence_renders=dargs.sequence_renders,
+        sequence_renders=dargs.sequence_render_count(templates),
         template_ids=dargs.template_list(),
         template_weights={
             t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"

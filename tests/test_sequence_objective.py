@@ -208,3 +208,13 @@ def test_embedding_gets_its_own_learning_rate(tmp_path):
     others = [p for g in opt.param_groups if g is not groups[0] for p in g["params"]]
     assert len(others) + 1 == len(list(model.parameters()))
     assert all(g["lr"] == pytest.approx(1e-3) for g in opt.param_groups if g is not groups[0])
+
+
+def test_sequence_rows_default_on_only_when_a_sequence_template_is_named():
+    from p5rec.training import DataArguments
+
+    shipped = load_templates()
+    assert DataArguments().sequence_render_count(shipped) == 0  # the main job's mixture
+    assert DataArguments(templates="2-1,2-S2").sequence_render_count(shipped) == 1
+    assert DataArguments(templates="2-1").sequence_render_count(shipped) == 0
+    assert DataArguments(templates="2-1", sequence_renders=4).sequence_render_count(shipped) == 4
