@@ -553,11 +553,19 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         and (not cfg.templates or t.id in cfg.templates)
         and _renderable(t, prepared)
     ]
+    trained = config.get("mixture", {}).get("trained_templates")
+    if not cfg.templates and trained is not None and not any(
+            t.scoring == "sequence" for t in templates if t.id in trained):
+        # the continuation protocol reads the decoder as a sequence model: meaningless (and not zero-shot
+        # transfer) for a run that never trained one; asked for by --templates, it is scored all the same
+        skipped = [t.id for t in chosen if t.scoring == "sequence"]
+        chosen = [t for t in chosen if t.scoring != "sequence"]
+        if skipped:
+            logger.info("not scoring %s: this run trained no sequence template", ",".join(skipped))
     if not chosen:
         raise ValueError(f"nothing to evaluate: no template of {list(cfg.families)}"
                          f"{' among ' + ','.join(cfg.templates) if cfg.templates else ''} renders on this "
                          f"run's data ({', '.join(sorted(f for f in data_of if prepared.has_family(data_of[f])))})")
-    trained = config.get("mixture", {}).get("trained_templates")
     tries = {"catalogue": build_catalogue_trie(prepared, tokenizer, id_form)}
     logger.info("evaluating %d templates on %s", len(chosen), cfg.split)
     results = []

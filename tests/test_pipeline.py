@@ -49,6 +49,8 @@ def test_results_cover_every_family_with_baselines(run_dir):
                        ("review", "rating"), ("direct", "candidates")]:
         assert fams[fam][proto]["seen"] and fams[fam][proto]["unseen"], fam
     assert fams["review"]["text"]["seen"]
+    # a run that trained no sequence template is not scored by the continuation protocol (2-S3 is no zero-shot test)
+    assert "continuation" not in fams["sequential"] and not any(t.startswith("2-S") for t in results["templates"])
     assert {"sequential", "direct", "rating", "explanation", "review"} <= set(results["baselines"])
     seq = results["templates"]["2-1"]
     assert seq["n"] == 12 and 0.0 <= seq["metrics"]["HR@10"] <= 1.0
