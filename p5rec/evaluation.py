@@ -50,6 +50,8 @@ class EvalConfig:
     batch_size: int = 64
     num_beams: int = 20
     text_beams: int = 1
+    text_no_repeat_ngram: int = 0  # generate()'s no_repeat_ngram_size for text (0: off)
+    text_repetition_penalty: float = 1.0
     max_new_tokens: int = 32
     max_source_length: int | None = None  # None: the run's own (run_config.json data.max_source_length)
     exclude_history: bool = False
@@ -311,7 +313,8 @@ def _generate(ctx: Context, t):
     rendered = _render(t, records, ctx.prepared, ctx.render_config)
     sources, golds = [s for s, _ in rendered], [g for _, g in rendered]
     outputs = decoding.generate_text(ctx.model, ctx.tokenizer, sources, max_new_tokens=ctx.cfg.max_new_tokens,
-                                     num_beams=ctx.cfg.text_beams, **ctx.common)
+                                     num_beams=ctx.cfg.text_beams, no_repeat_ngram_size=ctx.cfg.text_no_repeat_ngram,
+                                     repetition_penalty=ctx.cfg.text_repetition_penalty, **ctx.common)
     examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
     return sources, golds, outputs, examples
 
