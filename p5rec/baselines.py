@@ -32,6 +32,7 @@ __all__ = [
     "TfidfVectorizer",
     "global_mean_rating",
     "item_popularity",
+    "most_common_text",
     "nearest_review_baseline",
     "nearest_summary_by_review",
     "popularity_direct",
@@ -388,6 +389,15 @@ def _l2_normalise(x: sp.csr_matrix) -> sp.csr_matrix:
 def _most_common(texts: Iterable[str]) -> str:
     # Counter.most_common keeps first-seen order among equal counts: deterministic given row order
     return Counter(texts).most_common(1)[0][0]
+
+
+def most_common_text(train_texts: Iterable[str], n: int) -> list[str]:
+    """The most frequent non-empty training text, ``n`` times: the constant output a model that ignores its
+    input falls back to, as a floor for the text families (it scores well on ROUGE against short references)."""
+    texts = [t for t in train_texts if t and t.strip()]
+    if not texts:
+        raise ValueError("most_common_text: no non-empty training texts")
+    return [_most_common(texts)] * n
 
 
 def nearest_review_baseline(train_rows: Rows, test_rows: Rows, field: str = "explanation",

@@ -276,7 +276,7 @@ class P5Rec:
         return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
 
     def explain(self, user: str, item: str, feature: str | None = None, rating: float | None = None,
-                template: str | None = None, num_beams: int = 1) -> str:
+                template: str | None = None, num_beams: int | None = None) -> str:
         from p5rec.decoding import generate_text
 
         self._need_user(user)
@@ -286,8 +286,8 @@ class P5Rec:
         rec = {"user": user, "item": item, "feature": feature or "", "rating": rating}
         if "rating" in t.variables - t.target_variables and rating is None:
             raise ValueError(f"template {tid} shows the star rating: pass rating=")
-        return generate_text(self.model, self.tokenizer, self._sources(t, [rec]), num_beams=num_beams,
-                             max_source_length=self.max_source_length)[0]
+        return generate_text(self.model, self.tokenizer, self._sources(t, [rec]), max_source_length=self.max_source_length,
+                             **_text_decoding(num_beams))[0]
 
     def _review_source(self, review: str, user: str | None, template: str | None, default: str, cold: str) -> str:
         """The review prompt; a user the run does not know is named generically through template ``cold``."""
@@ -301,7 +301,8 @@ class P5Rec:
         from p5rec.decoding import generate_text
 
         source = self._review_source(review, user, template, DEFAULTS["summarize"], "4-3")
-        return generate_text(self.model, self.tokenizer, [source], max_source_length=self.max_source_length)[0]
+        return generate_text(self.model, self.tokenizer, [source], max_source_length=self.max_source_length,
+                             **_text_decoding())[0]
 
     def rate_review(self, review: str, user: str | None = None, template: str | None = None) -> dict:
         """Star rating read from a review; a new user goes through 4-4 (the unseen user-name variant)."""
@@ -537,3 +538,12 @@ def _print_human(result: dict) -> None:
             if k != "latency_ms":
                 print(f"{k}: {v}")
     print(f"({result['latency_ms']} ms)")
+
+
+def _text_decoding(num_beams: int | None = None) -> dict:
+    """The evaluation's text decoding (``EvalConfig.text_*``), so that a served explanation is the one scored."""
+    from p5rec.evaluation import EvalConfig
+
+    cfg = EvalConfig()
+    return dict(num_beams=num_beams or cfg.text_beams, no_repeat_ngram_size=cfg.text_no_repeat_ngram,
+                repetition_penalty=cfg.text_repetition_penalty)
