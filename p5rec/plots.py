@@ -123,7 +123,8 @@ def bar_panels(panels: Sequence[Panel], out: str | Path, title: str = "", cols: 
     plt = _pyplot()
     rows, cols = _grid(len(panels), cols)
     height = max(2.2, 0.42 * max(len(p.bars) for p in panels) + 1.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, height * rows), squeeze=False)
+    labels = max(len(b.label) for p in panels for b in p.bars)  # room for the longest label beside each chart
+    fig, axes = plt.subplots(rows, cols, figsize=((2.8 + 0.07 * labels) * cols, height * rows), squeeze=False)
     for i, panel in enumerate(panels):
         ax = axes[i // cols][i % cols]
         bars = [b for b in panel.bars if b.value is not None and math.isfinite(b.value)]
@@ -132,8 +133,9 @@ def bar_panels(panels: Sequence[Panel], out: str | Path, title: str = "", cols: 
         ax.set_yticks(y, [b.label for b in bars], fontsize=8)
         top = max((b.value for b in bars), default=0) or 1.0
         for yy, b in zip(y, bars):
-            ax.text(b.value + top * 0.01, yy, f"{b.value:.4g}", va="center", fontsize=7)
-        ax.set_xlim(0, top * 1.22)
+            ax.text(b.value + top * 0.01, yy, f"{b.value:.4f}" if abs(b.value) < 1.5 else f"{b.value:.2f}",
+                    va="center", fontsize=7)
+        ax.set_xlim(0, top * 1.3)
         better = "lower is better" if panel.lower_is_better else "higher is better"
         ax.set_title(f"{panel.title}\n{panel.metric} ({better})", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
