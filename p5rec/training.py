@@ -471,6 +471,13 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     if not dargs.skip_test:
         from p5rec.evaluation import FULL_RESULTS, EvalConfig, evaluate_run
 
+        # FSDP and ZeRO-3 shard the weights over the processes: the main process alone cannot run the model in
+        # memory, so it scores the saved one (configs/accelerate/; not run on this project's machines)
+        sharded = getattr(trainer, "is_fsdp_enabled", False) or (
+            getattr(trainer, "is_deepspeed_enabled", False)
+            and getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
+        if sharded:
+            logger.info("weights sharded over %d processes: scoring the saved model", targs.world_size)
         evaluate_run(  # the run's own evaluation, as its flags cap it: results.json, whatever the caps
             run_dir,
             EvalConfig(
@@ -481,8 +488,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
                 seed=targs.seed,
                 sasrec=dargs.sasrec_baseline,
             ),
-            model=model,
-            tokenizer=tokenizer,
+            model=None if sharded else model,
+            tokenizer=None if sharded else tokenizer,
             prepared=prepared,
             templates=templates,
             out=run_dir / FULL_RESULTS,
