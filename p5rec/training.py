@@ -350,7 +350,12 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
 
     started = time.time()
     if not targs.output_dir:
-        targs.output_dir = default_output_dir(margs, dargs)  # several processes: the launcher must pass one
+        name = [default_output_dir(margs, dargs)]
+        if targs.world_size > 1:  # the main process's name: the clocks of the others may be a second apart
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(name, from_process=0)
+        targs.output_dir = name[0]
     run_dir = Path(targs.output_dir)
     # Several processes (accelerate launch, torchrun): all train, one writes. The main process (global rank 0)
     # alone writes the run directory, the learning curve, the results, the plots and the model card; the cached
