@@ -3,7 +3,7 @@
     python bench/beauty.py --budget cpu                         # every CPU row, then the table and the plot
     python bench/beauty.py --budget cpu --rows seq-random,sasrec  # some rows
     python bench/beauty.py --data ../shared/data/p5-sequential/sports --name sports   # any P5-format folder
-    python bench/beauty.py --table-only                         # rebuild table and plot from the JSON files
+    python bench/beauty.py --table-only                         # rebuild table and plots from the JSON files
     python bench/beauty.py --budget gpu --rows seq-random       # on a GPU: 10-minute steps, see --chunk-minutes
 
 Same leave-one-out split for every row (last item test, second-last validation), full-catalogue ranking over every
@@ -254,6 +254,34 @@ def plot(out: Path) -> Path | None:
     return path
 
 
+def comparison_plot(out: Path) -> Path | None:
+    """Test HR@5/NDCG@5/HR@10/NDCG@10 of every p5rec row (its seen templates) beside SASRec and popularity, under
+    P5's protocol (history items allowed): the run directories' results.png, for the benchmark's JSON files."""
+    sys.path.insert(0, str(ROOT))
+    from p5rec.plots import Bar, Panel, bar_panels
+
+    rows, pop = [], None
+    for f in sorted(out.glob("*.json")):
+        r = json.loads(f.read_text())
+        if f.stem.startswith("sasrec"):
+            when = r.get("invocation", f.stem.removeprefix("sasrec-") or "earlier")
+            rows.append((f"SASRec ({when})", r["metrics"]["no_exclusion"], "other"))
+            continue
+        if "templates" not in r:
+            continue
+        label = LEGACY.get(f.stem, f"p5rec {r.get('row', f.stem)}")
+        for tid, t in r["templates"].items():
+            if t.get("seen", True):
+                rows.append((f"{label}: {tid}", t["metrics"], "seen"))
+        pop = pop or r["baselines"].get("sequential", {}).get("popularity")
+    if pop:
+        rows.append(("popularity", pop, "baseline"))
+    panels = [Panel("all test users, whole catalogue", key, [Bar(n, m[key], role) for n, m, role in rows if key in m])
+              for key in KEYS]
+    return bar_panels(panels, out / "test-comparison.png", f"{out.name}: test split, p5rec beside SASRec and "
+                      "popularity (history items allowed)", cols=2)
+
+
 INVOCATION = time.strftime("%Y-%m-%d")
 
 
@@ -290,9 +318,9 @@ def main() -> None:
                 raise SystemExit(f"unknown row {name!r}; choose from {', '.join([*ROWS, 'sasrec'])}")
     (out / "README.md").write_text(table(out))
     print((out / "README.md").read_text())
-    png = plot(out)
-    if png:
-        print(f"plot: {png}")
+    for png in (plot(out), comparison_plot(out)):
+        if png:
+            print(f"plot: {png}")
 
 
 if __name__ == "__main__":

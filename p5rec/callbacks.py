@@ -9,11 +9,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from p5rec.evaluation import CURVE_METRIC  # which metric stands for a family on the learning curve
+
 logger = logging.getLogger(__name__)
 
-# Which metric stands for a family on the learning curve (one seen template per protocol, on validation cases).
-CURVE_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "rating": "RMSE", "explanation": "ROUGE-L",
-                "review": "ROUGE-L"}
 # The protocols a family's curve follows: its headline ones, cheap enough to run at every evaluation.
 CURVE_PROTOCOLS = {"sequential": ("full ranking", "continuation"), "direct": ("candidates",),
                    "rating": ("rating",), "explanation": ("text",), "review": ("text",)}
@@ -29,6 +28,11 @@ class LearningCurveCallback(TrainerCallback):
     ``eval_sequential/continuation_NDCG@10``), so ``--metric_for_best_model`` with
     ``--load_best_model_at_end`` keeps the best checkpoint on it. Cheap by construction: single-token ids rank
     the catalogue in one decoder step, text is greedy and short.
+
+    :class:`p5rec.trainer.P5Trainer` calls :meth:`measure` inside its evaluation loop, before the Trainer logs the
+    evaluation, so the per-family metrics reach every ``--report_to`` integration (TensorBoard scalars
+    ``eval/sequential_NDCG@10``, ...) and the ``log_history``; with another Trainer, ``on_evaluate`` measures.
+    Every process measures (the numbers agree, so best-model selection agrees); only the main one writes.
     """
 
     def __init__(self, run_dir, prepared, tokenizer, templates, render_config, families, n_users=200,
@@ -42,6 +46,7 @@ class LearningCurveCallback(TrainerCallback):
         self._tries = None
         self._started = None
         self._eval_seconds = 0.0
+        self._measured_at: int | None = None  # the step whose point measure() has added and on_evaluate not yet saved
 
     def _probe_templates(self) -> list[tuple[str, object]]:
         """(curve key, template): the first trained template of each family and curve protocol."""
@@ -73,6 +78,17 @@ class LearningCurveCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if self.n_users <= 0:
             return
+        if self._measured_at != state.global_step:
+            self.measure(model, state, metrics)
+        self._measured_at = None
+        if state.is_world_process_zero:
+            (self.run_dir / "learning_curve.json").write_text(json.dumps(self.points, indent=2))
+
+    def measure(self, model, state, metrics: dict | None = None) -> dict:
+        """Score the probe templates now; add the point to the curve and ``eval_<key>_<metric>`` to ``metrics``
+        (and return those). The file is written by ``on_evaluate``."""
+        if self.n_users <= 0:
+            return {}
         from p5rec.evaluation import EvalConfig, build_catalogue_trie, score_template
 
         if self._tries is None:
@@ -84,19 +100,23 @@ class LearningCurveCallback(TrainerCallback):
         point = {"step": state.global_step, "epoch": state.epoch, "eval_loss": (metrics or {}).get("eval_loss"),
                  "train_seconds": None if elapsed is None else round(elapsed - self._eval_seconds, 1)}
         was_training = model.training
+        added = {}
         for key, t in self._probe_templates():
             r = score_template(model, self.tokenizer, self.prepared, t, cfg, self.render_config, self._tries,
                                self.templates.family_info(t.family).data, self.templates)
             metric = CURVE_METRIC.get(t.family)
             point[key] = {"template": t.id, **{k: v for k, v in r.metrics.items()
                                                  if k in (metric, "HR@10", "MAE", "RMSE_expected")}}
-            if metrics is not None and metric in r.metrics:
-                metrics[f"eval_{key}_{metric}"] = r.metrics[metric]
+            if metric in r.metrics:
+                added[f"eval_{key}_{metric}"] = r.metrics[metric]
+        if metrics is not None:
+            metrics.update(added)
         point["seconds"] = round(time.time() - t0, 1)
         self._eval_seconds += time.time() - t0
         if was_training:
             model.train()
         self.points.append(point)
+        self._measured_at = state.global_step
         logger.info("learning curve @%d: %s", state.global_step,
                     {f: point[f] for f in point if isinstance(point[f], dict)})
-        (self.run_dir / "learning_curve.json").write_text(json.dumps(self.points, indent=2))
+        return added

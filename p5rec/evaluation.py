@@ -38,6 +38,9 @@ from p5rec import atomic, baselines, decoding, metrics
 logger = logging.getLogger(__name__)
 
 RANKING_KEYS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MAP@10")
+# Which metric stands for a family on the learning curve (one seen template per protocol, on validation cases).
+CURVE_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "rating": "RMSE", "explanation": "ROUGE-L",
+                "review": "ROUGE-L"}
 
 
 @dataclass
@@ -612,12 +615,66 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "baselines": run_baselines(prepared, cfg) if cfg.baselines else {},
         "seconds": round(time.time() - started, 1),
     }
-    md = results_markdown(report)
+    report["headline"] = headline_rows(report)
+    images = _draw_plots(run_dir, report, out)
+    md = results_markdown(report, images)
     atomic.write_text(out, json.dumps(report, indent=2))
     atomic.write_text(out.with_suffix(".md"), md)
     print(md)
     logger.info("wrote %s and %s", out, out.with_suffix(".md"))
+    if out.parent.resolve() == run_dir.resolve() and out.name == FULL_RESULTS:
+        from p5rec import modelcard
+
+        modelcard.write_model_card(run_dir)  # the card shows the run's own results: refreshed with them
     return report
+
+
+def _higher_is_better(key: str) -> bool:
+    try:
+        return metrics.lookup(key.removesuffix("_expected")).higher_is_better
+    except KeyError:
+        return key not in ("invalid",)
+
+
+def results_panels(report: dict) -> list:
+    """One bar panel per family and protocol: the headline metric's mean over seen and over unseen templates,
+    beside every baseline scored under that protocol (:data:`BASELINE_FOR`)."""
+    from p5rec.plots import Bar, Panel
+
+    panels = []
+    for fam, protos in report["families"].items():
+        for proto, groups in protos.items():
+            metric = _headline_metric(fam, proto, groups)
+            if metric is None:
+                continue
+            bars = [Bar(f"p5rec, {group} templates", groups[group][metric], group)
+                    for group in ("seen", "unseen") if metric in groups.get(group, {})]
+            have = report["baselines"].get(fam, {})
+            bars += [Bar(name, have[name][metric], "baseline") for name in BASELINE_FOR.get((fam, proto), ())
+                     if metric in have.get(name, {})]
+            panels.append(Panel(f"{fam} ({proto})", metric, bars, lower_is_better=not _higher_is_better(metric)))
+    return panels
+
+
+def _draw_plots(run_dir: Path, report: dict, out: Path) -> list[tuple[str, str]]:
+    """The results beside their baselines as ``<out stem>.png`` and, for a run that lacks it, the learning curve;
+    returns (caption, file name) for results.md. A plot that fails to draw is a warning, never lost results."""
+    from p5rec import plots
+
+    images = []
+    try:
+        png = plots.bar_panels(results_panels(report), out.with_suffix(".png"),
+                               f"{run_dir.name}: {report['split']} split, beside the baselines")
+        if png is not None:
+            images.append((f"{report['split'].capitalize()} results per family beside the baselines", png.name))
+        curve = run_dir / "learning_curve.png"
+        if not curve.exists() and (run_dir / "learning_curve.json").is_file():
+            plots.learning_curve_plot(run_dir, CURVE_METRIC)
+        if curve.exists():
+            images.append(("Learning curve (validation)", curve.name))
+    except Exception as exc:  # noqa: BLE001 - matplotlib failures are many and none is worth the results
+        logger.warning("could not draw the plots of %s: %s: %s", out, type(exc).__name__, exc)
+    return images
 
 
 def _renderable(template, prepared) -> bool:
@@ -645,23 +702,19 @@ def degenerate_templates(report: dict) -> list[tuple[str, float]]:
             if "distinct-2" in r["metrics"] and r["metrics"]["distinct-2"] < DEGENERATE_DISTINCT2]
 
 
-def results_markdown(report: dict) -> str:
+def results_markdown(report: dict, images: list[tuple[str, str]] = ()) -> str:
+    """The report as Markdown; ``images`` (caption, file name beside the .md) are linked under the title."""
     lines = [f"# Results on the {report['split']} split", ""]
     lines.append(f"Run: `{report['run']}` — model {report['model']['preset']} "
                  f"({report['model']['parameters'] / 1e6:.2f} M parameters), ids `{report['decoding']['id_form']}`.")
+    for caption, name in images:
+        lines += ["", f"![{caption}]({name})"]
     lines += ["", "## Headline: mean over templates, seen and unseen, beside the baseline", "",
               "| family | protocol | metric | seen | unseen | baseline |", "|---|---|---|---|---|---|"]
-    for fam, protos in report["families"].items():
-        for proto, groups in protos.items():
-            metric = _headline_metric(fam, proto, groups)
-            if metric is None:
-                continue
-            have = report["baselines"].get(fam, {})
-            base_name = next((b for b in BASELINE_FOR.get((fam, proto), ()) if b in have), None)
-            base = have.get(base_name or "", {})
-            base_cell = f"{_cell(base.get(metric))} ({base_name})" if metric in base else "–"
-            lines.append(f"| {fam} | {proto} | {metric} | {_cell(groups['seen'].get(metric))} | "
-                         f"{_cell(groups['unseen'].get(metric))} | {base_cell} |")
+    for row in report.get("headline") or headline_rows(report):
+        base_cell = f"{_cell(row['baseline_value'])} ({row['baseline']})" if row["baseline"] else "–"
+        lines.append(f"| {row['family']} | {row['protocol']} | {row['metric']} | {_cell(row['seen'])} | "
+                     f"{_cell(row['unseen'])} | {base_cell} |")
     lines.append("")
     bad = degenerate_templates(report)
     if bad:
@@ -690,6 +743,25 @@ def results_markdown(report: dict) -> str:
             lines.append(f"| baseline: {name} | | | {m.get('n', '')} | " + " | ".join(_cell(m.get(k)) for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def headline_rows(report: dict) -> list[dict]:
+    """Per family and protocol: the headline metric's mean over seen and unseen templates and the baseline beside
+    it (the first of :data:`BASELINE_FOR` that was scored), with the metric's direction. Saved in results.json as
+    ``headline``: results.md and the model card read it."""
+    rows = []
+    for fam, protos in report["families"].items():
+        for proto, groups in protos.items():
+            metric = _headline_metric(fam, proto, groups)
+            if metric is None:
+                continue
+            have = report["baselines"].get(fam, {})
+            base_name = next((b for b in BASELINE_FOR.get((fam, proto), ()) if metric in have.get(b, {})), None)
+            rows.append({"family": fam, "protocol": proto, "metric": metric,
+                         "seen": groups.get("seen", {}).get(metric), "unseen": groups.get("unseen", {}).get(metric),
+                         "baseline": base_name, "baseline_value": have[base_name][metric] if base_name else None,
+                         "higher_is_better": _higher_is_better(metric)})
+    return rows
 
 
 def _headline_metric(fam: str, proto: str, groups: dict) -> str | None:

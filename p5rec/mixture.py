@@ -170,16 +170,25 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
     seq_ids = frozenset(t.id for t in templates if t.scoring == "sequence")
     train = tokenize(train, tokenizer, spec, "tokenizing train", seq_ids)
     valid = tokenize(valid, tokenizer, spec, "tokenizing valid", seq_ids)
-    tmp = cache.with_name(cache.name + ".tmp")
+    # A temporary name of this process's own: processes that share the cache (several machines on one file
+    # system) build the same content; the first rename wins and the others use it.
+    import shutil
+    import socket
+
+    tmp = cache.with_name(f"{cache.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     train.save_to_disk(str(tmp / "train"))
     valid.save_to_disk(str(tmp / "valid"))
     (tmp / "done").write_text(json.dumps(info))
-    if cache.exists():
-        import shutil
-
-        shutil.rmtree(cache)
-    tmp.rename(cache)
+    if cache.exists() and not (cache / "done").exists():
+        shutil.rmtree(cache, ignore_errors=True)  # an interrupted build: no "done" marker
+    try:
+        tmp.rename(cache)
+    except OSError:
+        if not (cache / "done").exists():
+            raise
+        logger.info("another process cached this mixture meanwhile; using it")
+        shutil.rmtree(tmp, ignore_errors=True)
     # Reload from the cache so a first run and a cache hit train on identical, memory-mapped data.
     return (
         load_tokenizer(cache / "tokenizer"),

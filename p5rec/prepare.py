@@ -101,7 +101,7 @@ def _from_pandas(df: pd.DataFrame, features: datasets.Features) -> datasets.Data
 
 def _dataset_name(path: Path) -> str:
     name = path.name
-    for suffix in (".gz", ".json", ".jsonl", ".csv", ".parquet", ".txt", ".dat", ".data"):
+    for suffix in (".gz", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".dat", ".data", ".inter"):
         name = name.removesuffix(suffix)
     return name or path.resolve().name
 
@@ -212,6 +212,7 @@ def prepare(
     columns: dict[str, str] | None = None,
     explainer: str = "feature-opinion",
     overwrite: bool = False,
+    delimiter: str | None = None,
 ) -> Path:
     """Prepare ``dataset`` (a registered name, or a file/directory path) into ``out`` (design.md §2).
 
@@ -236,13 +237,14 @@ def prepare(
         log.warning("%s was left by an interrupted preparation of %s; delete it to reclaim the space", stale, out)
     clock = _Clock()
     name, fmt, paths = _resolve(dataset, fmt)
-    result = readers.read(fmt, paths, on_error=on_error, columns=columns)
+    result = readers.read(fmt, paths, on_error=on_error, columns=columns, delimiter=delimiter)
     source = [{"path": str(p), "sha256": _sha256_file(Path(p))} for p in result.source]
     clock.step("read", "%d interactions from %s (%s), %d malformed", len(result.interactions), name, fmt,
                result.counts.get("malformed", 0))
 
     df = result.interactions.to_pandas()
     n_read = len(df)
+    before = {"users": int(df["user"].nunique()), "items": int(df["item"].nunique()), "interactions": n_read}
     df, dup_counts = preprocess.deduplicate(df)
     df, rounds = preprocess.kcore(df, k)
     df = preprocess.time_order(df)
@@ -340,12 +342,13 @@ def prepare(
             "format": fmt,
             "source": source,
             "params": {"k": k, "index": index, "seed": seed, "n_negatives": n_negatives, "on_error": on_error,
-                       "columns": columns, "explainer": explainer, "ratios": list(RATIOS)},
+                       "columns": columns, "delimiter": delimiter, "explainer": explainer, "ratios": list(RATIOS)},
             "seed": seed,
             "k": k,
             "counts": {
                 "read": {key: int(v) for key, v in result.counts.items()},
                 "interactions_read": n_read,
+                "before": before,  # distinct users and items as read, before deduplication and the k-core filter
                 "duplicates": dup_counts,
                 "kcore_rounds": rounds,
                 "kcore_removed": kcore_removed,
@@ -405,9 +408,15 @@ def _write_tables(work: Path, df: pd.DataFrame, items: datasets.Dataset | None, 
 def fingerprint(manifest: dict) -> str:
     """sha256 over the canonical content of a manifest: everything except ``timings``, ``fingerprint``, the
     dataset's name, the source *paths* (the source checksums stay) and the ``kind`` marker, so the same file
-    prepared by name or by path, from any directory, by this version or one before the marker, compares equal."""
+    prepared by name or by path, from any directory, by this version or one before the marker, compares equal.
+    Entries added later that change nothing prepared stay out too, so earlier preparations keep their fingerprint:
+    ``counts.before`` (derived from the source, whose checksums are in) and ``params.delimiter`` when unset."""
     content = {key: v for key, v in manifest.items()
                if key not in ("timings", "fingerprint", "source", "dataset", "kind")}
+    if "before" in content.get("counts", {}):
+        content["counts"] = {k: v for k, v in content["counts"].items() if k != "before"}
+    if "params" in content and content["params"].get("delimiter", "unset") is None:
+        content["params"] = {k: v for k, v in content["params"].items() if k != "delimiter"}
     content["source_sha256"] = [s["sha256"] for s in manifest.get("source", [])]
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -532,6 +541,14 @@ def _parse_columns(text: str | None) -> dict[str, str] | None:
     return out
 
 
+def _parse_delimiter(text: str) -> str:
+    """``--delimiter``: one character; ``\\t`` (as typed in a shell: ``--delimiter '\\t'``) and ``tab`` mean a tab."""
+    value = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(text, text)
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(f"expected one character (or '\\t' for a tab), got {text!r}")
+    return value
+
+
 def _errors():
     """What the CLI reports in one line (exit status 2) instead of a traceback."""
     from p5rec.hub import ChecksumError
@@ -553,7 +570,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     try:
         prepare(dataset, out, fmt=args.format, k=args.k, index=args.index, seed=args.seed,
                 n_negatives=args.n_negatives, on_error=args.on_error, columns=args.columns,
-                explainer=args.explainer, overwrite=args.overwrite)
+                explainer=args.explainer, overwrite=args.overwrite, delimiter=args.delimiter)
     except _errors() as exc:
         return _fail(exc)
     print(out)
@@ -567,7 +584,8 @@ def summary(manifest: dict) -> str:
     lines = [
         f"dataset      {manifest['dataset']} ({manifest['format']}), p5rec {manifest['p5rec_version']}",
         "source       " + ", ".join(f"{s['path']} (sha256 {s['sha256'][:12]})" for s in manifest["source"]),
-        f"read         {c['interactions_read']} interactions, {c['read'].get('malformed', 0)} malformed lines",
+        f"read         {c['interactions_read']} interactions, {c['read'].get('malformed', 0)} malformed lines"
+        + (f"; {c['before']['users']} users, {c['before']['items']} items" if "before" in c else ""),
         f"cleaning     {c['duplicates']['exact_duplicates']} exact duplicates, "
         f"{c['duplicates']['repeat_interactions']} repeats removed; k-core k={manifest['k']}: "
         f"{c['kcore_removed']['rows']} rows in {len(c['kcore_rounds'])} round(s)",
@@ -607,11 +625,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from p5rec import hub
+    from p5rec import hub, readers
 
     for e in hub.list_datasets():
         where = "embedded" if e.embedded else ("manual download" if e.manual else "download")
         print(f"{e.name:<36} {e.format:<16} {where:<16} {' '.join(e.description.split())}")
+    print("\nformats (--format; `p5rec data prepare --path FILE_OR_DIR` guesses one from file names):")
+    for name in readers.READERS.names():
+        print(f"  {name:<18} {readers.FORMAT_FILES.get(name, '')}")
     return 0
 
 
@@ -637,7 +658,10 @@ def add_cli(subparsers) -> None:
                    help="negatives per user for the direct family")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="malformed input lines")
     p.add_argument("--columns", type=_parse_columns, default=None,
-                   help="generic formats: canonical=source column pairs, e.g. user=uid,item=iid,rating=score")
+                   help="generic formats and recbole: canonical=source column pairs, e.g. user=uid,item=iid,rating=score")
+    p.add_argument("--delimiter", type=_parse_delimiter, default=None,
+                   help="csv and recbole: the field separator, one character ('\\t' for a tab; default: csv detects "
+                   "comma, tab, semicolon or pipe from the header, recbole reads tabs)")
     p.add_argument("--explainer", choices=explain.EXTRACTORS.names(), default="feature-opinion")
     p.set_defaults(func=_cmd_prepare)
 

@@ -114,6 +114,7 @@ class _BadRating(_Bad):
 class _Ctx:
     on_error: str
     columns: Mapping[str, str] | None = None
+    delimiter: str | None = None  # generic tables and RecBole files: the field separator (None: the format's own)
     counts: dict[str, int] = field(default_factory=lambda: {"read": 0, "malformed": 0})
     sources: list[Path] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
@@ -503,6 +504,23 @@ def _one(found: dict[str, list[Path]], role: str) -> Path | None:
 Reader = Callable[[list[Path], _Ctx], tuple[_Table, "_Items | None"]]
 READERS: Registry[Reader] = Registry("reader")
 GENERIC_FORMATS = ("csv", "jsonl", "parquet")
+# What each format reads, one line for `p5rec data list` (a test checks every registered reader has one).
+FORMAT_FILES = {
+    "amazon2014": "reviews_<Category>[_5].json[.gz], optional meta_<Category>.json[.gz]",
+    "amazon2018": "<Category>[_5].json[.gz], optional meta_<Category>.json[.gz]",
+    "amazon2023": "<Category>.jsonl[.gz], optional meta_<Category>.jsonl[.gz]",
+    "movielens100k": "u.data, optional u.item and u.genre",
+    "movielens1m": "ratings.dat, optional movies.dat",
+    "movielens-latest": "ratings.csv, optional movies.csv",
+    "yelp": "review.json (or yelp_academic_dataset_review.json), optional business.json",
+    "p5seq": "P5's sequential_data.txt, optional datamaps.json",
+    "recbole": "RecBole atomic files: <name>.inter, optional <name>.item (tab-separated, name:type header)",
+    "csv": "delimited text with a header, any extension (--delimiter, else comma/tab/;/| detected); --columns",
+    "jsonl": "one JSON object per line; --columns",
+    "parquet": "Parquet files or a folder of shards; --columns",
+}
+COLUMN_FORMATS = (*GENERIC_FORMATS, "recbole")  # the formats that take columns=
+DELIMITED_FORMATS = ("csv", "recbole")  # the formats that take delimiter=
 
 
 def read(
@@ -511,27 +529,36 @@ def read(
     *,
     on_error: str = "raise",
     columns: Mapping[str, str] | None = None,
+    delimiter: str | None = None,
 ) -> ReadResult:
     """Read ``paths`` (files and/or directories) with the reader registered as ``fmt``.
 
     ``on_error``: ``"raise"`` stops at the first malformed line with a ``DataFormatError``; ``"skip"`` leaves such
     lines out, counts them in ``counts["malformed"]`` (metadata lines in ``counts["meta_malformed"]``) and logs a
     warning. ``columns`` (generic formats only) maps canonical names to source column names, e.g.
-    ``{"user": "uid", "item": "iid", "rating": "score", "timestamp": "ts"}``.
+    ``{"user": "uid", "item": "iid", "rating": "score", "timestamp": "ts"}`` (``recbole`` too: field names for
+    files that do not use RecBole's standard ones). ``delimiter`` (``csv``, ``recbole``): one character that
+    separates fields (default: detected for ``csv``, a tab for ``recbole``).
     Raises ``FileNotFoundError`` for a missing file, ``DataFormatError`` when nothing could be read.
     """
     reader = READERS.get(fmt)
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if columns is not None and fmt not in GENERIC_FORMATS:
-        raise ValueError(f"columns= applies to the generic formats ({', '.join(GENERIC_FORMATS)}), not {fmt!r}")
+    if columns is not None and fmt not in COLUMN_FORMATS:
+        raise ValueError(f"columns= applies to the generic formats and recbole "
+                         f"({', '.join(COLUMN_FORMATS)}), not {fmt!r}")
+    if delimiter is not None:
+        if fmt not in DELIMITED_FORMATS:
+            raise ValueError(f"a delimiter applies to the formats {', '.join(DELIMITED_FORMATS)}, not {fmt!r}")
+        if len(delimiter) != 1 or delimiter in "\r\n\"":
+            raise ValueError(f"a delimiter is one character other than a quote or line break, got {delimiter!r}")
     path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not path_list:
         raise ValueError("no paths given")
-    ctx = _Ctx(on_error=on_error, columns=columns)
+    ctx = _Ctx(on_error=on_error, columns=columns, delimiter=delimiter)
     table, items = reader(path_list, ctx)
     sources = [str(p) for p in ctx.sources]
-    if fmt in GENERIC_FORMATS:  # the formats where a column mapping (or a column's name) decides the rating
+    if fmt in COLUMN_FORMATS:  # the formats where a column mapping (or a column's name) decides the rating
         _check_rating_column(ctx, sources)
     if ctx.counts.get("malformed") or ctx.counts.get("meta_malformed"):
         logger.warning(
@@ -990,10 +1017,17 @@ def _mapping(columns: Mapping[str, str] | None, available: Sequence[str] | None,
     if available is not None:
         missing = [f"{mapping[c]!r} (for {c!r})" for c in mapping if c in explicit and mapping[c] not in available]
         if missing:
-            raise DataFormatError(
-                f"{path}: column {', '.join(missing)} not found; available columns: {', '.join(map(str, available))}",
-                path=path,
-            )
+            # a header that did not split shows as one column holding the separator: quote it so the tabs show
+            shown = ", ".join(repr(str(a)) if any(d in str(a) for d in DELIMITERS[1:]) else str(a)
+                              for a in available)
+            hint = ""
+            if len(available) == 1:
+                inner = [d for d in DELIMITERS if d in str(available[0])]
+                if inner:
+                    hint = (f" (the header was read as one column; its fields look separated by {inner[0]!r}: "
+                            f"pass --delimiter {inner[0]!r})")
+            raise DataFormatError(f"{path}: column {', '.join(missing)} not found; available columns: {shown}{hint}",
+                                  path=path)
     return mapping
 
 
@@ -1018,13 +1052,36 @@ def _generic_row(record: Mapping[str, Any], mapping: Mapping[str, str]) -> tuple
     return (*values, rating, timestamp, *texts)
 
 
+# Field separators the generic table reader recognises in a header line, most likely first.
+DELIMITERS = (",", "\t", ";", "|")
+
+
+def _sniff_delimiter(path: Path) -> str:
+    """The separator of a delimited file, from its header line: whichever of :data:`DELIMITERS` occurs most
+    often in it (a comma when none does: a one-column file). A header is names, which rarely hold separators,
+    so counting is enough; ``--delimiter`` settles any doubt."""
+    header = ""
+    for _, raw in _raw_lines(path):
+        header = raw.decode("utf-8", errors="replace")
+        if header.strip():
+            break
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])  # ties go to the earlier (more common) separator
+    return best if counts[best] else ","
+
+
 @READERS.register("csv")
 def _read_csv(paths: list[Path], ctx: _Ctx) -> tuple[_Table, _Items | None]:
-    """Comma-separated files with a header (``.tsv``: tab); ``columns`` maps canonical names to header names."""
+    """Delimited text files with a header, any extension; ``columns`` maps canonical names to header names. The
+    separator is ``delimiter=`` if given, a tab for ``.tsv``, else detected from the header line
+    (:func:`_sniff_delimiter`: comma, tab, semicolon or pipe)."""
     found = _locate(paths, _Layout({"tables": ("*.csv", "*.csv.gz", "*.tsv", "*.tsv.gz")}))
     table = _Table()
     for path in found["tables"]:
-        delimiter = "\t" if ".tsv" in path.suffixes else ","
+        delimiter = ctx.delimiter or ("\t" if ".tsv" in path.suffixes else _sniff_delimiter(path))
+        if ctx.delimiter is None and delimiter != ",":
+            logger.info("%s: fields separated by %r (detected from the header; --delimiter to set it)", path,
+                        delimiter)
         header, rows = _csv_rows(path, ctx, delimiter=delimiter)
         mapping = _mapping(ctx.columns, header, path)
         position = {name: i for i, name in reversed(list(enumerate(header)))}
@@ -1101,6 +1158,189 @@ def _read_parquet(paths: list[Path], ctx: _Ctx) -> tuple[_Table, _Items | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# RecBole's atomic files
+
+RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+# RecBole's standard field names (its dataset configs' USER_ID_FIELD, ITEM_ID_FIELD, RATING_FIELD, TIME_FIELD, and
+# the fields of the atomic files it distributes), first present one wins; ``columns=`` names any other.
+RECBOLE_FIELDS = {
+    "user": ("user_id",),
+    "item": ("item_id", "business_id"),
+    "rating": ("rating", "stars"),
+    "timestamp": ("timestamp", "date"),
+    "review": ("review", "text", "review_text"),
+    "summary": ("summary",),
+}
+RECBOLE_ITEM_FIELDS = {  # .item fields -> the item table: ML-100K, Amazon, Yelp conversions
+    "title": ("title", "movie_title", "item_name", "business_name", "name"),
+    "categories": ("categories", "class", "genre", "genres"),
+    "brand": ("brand",),
+}
+_RECBOLE_SPLITS = (".train.inter", ".valid.inter", ".test.inter")
+
+
+def _recbole_header(path: Path, line: str, delimiter: str) -> list[tuple[str, str]]:
+    """``user_id:token\titem_id:token ...`` -> [(name, type)]; a field without a known type, or a name given twice,
+    is a DataFormatError naming it."""
+    fields = []
+    for column, raw in enumerate(line.split(delimiter), start=1):
+        name, sep, kind = raw.strip().rpartition(":")
+        if not sep or not name or kind not in RECBOLE_TYPES:
+            raise DataFormatError(
+                f"{path} line 1, field {column}: {raw.strip()!r} is not name:type with type one of "
+                f"{', '.join(RECBOLE_TYPES)} (a RecBole atomic file starts with such a header)", path=path, line=1)
+        if name in (f[0] for f in fields):
+            raise DataFormatError(f"{path} line 1: field {name!r} is named twice", path=path, line=1)
+        fields.append((name, kind))
+    return fields
+
+
+def _recbole_records(path: Path, ctx: _Ctx, delimiter: str, *, meta: bool = False
+                     ) -> tuple[list[tuple[str, str]], Iterator[tuple[int, list[str]]]]:
+    """The header of an atomic file and an iterator of (line number, fields) for its records. A record with another
+    number of fields than the header is reported by the caller's ``ctx.records``; blank lines are skipped."""
+    lines = ctx.numbered_lines(path, str, meta=meta)
+    first = next(lines, None)
+    if first is None:
+        raise DataFormatError(f"{path} is empty (expected a header line of name:type fields)", path=path)
+    key = "meta_read" if meta else "read"
+    ctx.counts[key] -= 1  # the header is not a record
+    header = _recbole_header(path, first[1], delimiter)
+    return header, ((lineno, line.split(delimiter)) for lineno, line in lines)
+
+
+def _parsed(ctx: _Ctx, path: Path, records: Iterable[tuple[int, list[str]]], parse: Callable[[list[str]], T], *,
+            meta: bool = False) -> Iterator[T]:
+    """``parse`` over records already counted as read; a record whose parse raises ``_Bad`` is reported."""
+    for lineno, fields in records:
+        try:
+            yield parse(fields)
+        except _Bad as exc:
+            ctx.bad(path, lineno, exc, meta=meta)
+
+
+def _recbole_fields(path: Path, header: list[tuple[str, str]], columns: Mapping[str, str] | None) -> dict[str, str]:
+    """canonical -> field name of an .inter file: ``columns`` (names with or without their ``:type``) or
+    RecBole's standard names (:data:`RECBOLE_FIELDS`)."""
+    names = [name for name, _ in header]
+    if columns is not None:
+        unknown = [k for k in columns if k not in INTERACTION_COLUMNS]
+        if unknown:
+            raise ValueError(
+                f"unknown canonical column(s) {unknown} in columns=; known: {', '.join(INTERACTION_COLUMNS)}")
+        mapping = {c: (v.rpartition(":")[0] if v not in names and ":" in v else v) for c, v in columns.items()}
+        missing = [f"{v!r} (for {c!r})" for c, v in mapping.items() if v not in names]
+        if missing:
+            raise DataFormatError(f"{path} line 1: field {', '.join(missing)} not found; fields: "
+                                  f"{', '.join(f'{n}:{t}' for n, t in header)}", path=path, line=1)
+    else:
+        mapping = {}
+    for canonical, candidates in RECBOLE_FIELDS.items():
+        if canonical not in mapping:
+            found = next((name for name in candidates if name in names), None)
+            if found is not None:
+                mapping[canonical] = found
+    for required in ("user", "item"):
+        if required not in mapping:
+            raise DataFormatError(
+                f"{path} line 1: no {required} field (RecBole's standard name is "
+                f"{RECBOLE_FIELDS[required][0]}:token); fields: {', '.join(f'{n}:{t}' for n, t in header)}; "
+                f"name it with --columns {required}=<field>", path=path, line=1)
+    return mapping
+
+
+def _token_seq(value: str) -> list[str]:
+    """A ``token_seq`` of categories: RecBole separates tokens by spaces (ML-100K's ``class``: ``Action Comedy``);
+    its Amazon conversions write ``'Beauty', 'Skin Care'``, which is split at the commas, quotes dropped."""
+    if "," in value:
+        return _unique(part.strip().strip("[]").strip().strip("'\"") for part in value.split(","))
+    return _unique(value.split())
+
+
+def _recbole_sibling(inter: Path) -> Path | None:
+    """``ml-100k.item`` beside ``ml-100k.inter`` (or beside the benchmark split ``ml-100k.train.inter``)."""
+    stem = inter.name.removesuffix(".inter")
+    for split in _RECBOLE_SPLITS:
+        if inter.name.endswith(split):
+            stem = inter.name.removesuffix(split)
+    candidate = inter.with_name(stem + ".item")
+    return candidate if candidate.is_file() else None
+
+
+@READERS.register("recbole")
+def _read_recbole(paths: list[Path], ctx: _Ctx) -> tuple[_Table, _Items | None]:
+    """RecBole's atomic files: ``<name>.inter`` (tab-separated, a ``name:type`` header; RecBole's standard
+    fields user_id, item_id, rating, timestamp are found by name, others need ``columns=``) and the optional
+    ``<name>.item`` (title, categories, brand: the fields of :data:`RECBOLE_ITEM_FIELDS`; ML-100K's
+    movie_title/class, Amazon's title/categories/brand). The item file is found beside an ``.inter`` file given
+    alone. Benchmark splits (``<name>.train.inter``, ``.valid.inter``, ``.test.inter``) are read together as
+    one log. ``.user``, ``.kg``, ``.link`` and ``.net`` files hold nothing p5rec uses: they are named in the log."""
+    found = _locate(paths, _Layout({"inter": ("*.inter",), "items": ("*.item",),
+                                    "unused": ("*.user", "*.kg", "*.link", "*.net")}))
+    delimiter = ctx.delimiter or "\t"
+    inter_files = found["inter"]
+    whole = [p for p in inter_files if not p.name.endswith(_RECBOLE_SPLITS)]
+    if whole and len(whole) < len(inter_files):
+        raise ValueError(f"both a whole interaction file and benchmark split files: "
+                         f"{', '.join(str(p) for p in inter_files)}; pass the one(s) to read")
+    if found["unused"]:
+        logger.info("not read (p5rec uses interactions and item metadata only): %s",
+                    ", ".join(str(p) for p in found["unused"]))
+    table = _Table()
+    item_field = None
+    for path in inter_files:
+        header, records = _recbole_records(path, ctx, delimiter)
+        mapping = _recbole_fields(path, header, ctx.columns)
+        if item_field not in (None, mapping["item"]):
+            raise DataFormatError(f"{path}: the item field is {mapping['item']!r}, in another file "
+                                  f"{item_field!r}", path=path)
+        item_field = mapping["item"]
+        names = [name for name, _ in header]
+        width = len(names)
+
+        def parse(fields: list[str], mapping: dict[str, str] = mapping) -> tuple:
+            if len(fields) != width:
+                raise _Bad(f"expected {width} {delimiter!r}-separated fields (as in the header), found {len(fields)}")
+            return _generic_row(dict(zip(names, fields)), mapping)
+
+        for row in _parsed(ctx, path, records, parse):
+            table.add(*row)
+    item_file = _one(found, "items")
+    if item_file is None and all(not p.is_dir() for p in paths):
+        siblings = {s for s in (_recbole_sibling(p) for p in inter_files) if s is not None}
+        if len(siblings) == 1:
+            item_file = siblings.pop()
+            logger.info("item metadata: %s (beside %s)", item_file, inter_files[0].name)
+    if item_file is None:
+        return table, None
+    header, records = _recbole_records(item_file, ctx, delimiter, meta=True)
+    names = [name for name, _ in header]
+    if item_field not in names:
+        raise DataFormatError(f"{item_file} line 1: no {item_field!r} field, the item field of the interactions; "
+                              f"fields: {', '.join(f'{n}:{t}' for n, t in header)}", path=item_file, line=1)
+    position = {role: next((names.index(n) for n in candidates if n in names), None)
+                for role, candidates in RECBOLE_ITEM_FIELDS.items()}
+    logger.info("%s: %s", item_file.name, ", ".join(
+        f"{role} <- {names[i]}" if i is not None else f"no {role}" for role, i in position.items()))
+    key = names.index(item_field)
+
+    def parse_item(fields: list[str]) -> tuple:
+        if len(fields) != len(names):
+            raise _Bad(f"expected {len(names)} {delimiter!r}-separated fields (as in the header), found {len(fields)}")
+        item = fields[key].strip()
+        if not item:
+            raise _Bad(f"missing field {item_field!r}")
+        title, cats, brand = (position[r] for r in ("title", "categories", "brand"))
+        return (item, "" if title is None else fields[title].strip(), "" if brand is None else fields[brand].strip(),
+                [] if cats is None else _token_seq(fields[cats]))
+
+    items = _Items()
+    for row in _parsed(ctx, item_file, records, parse_item, meta=True):
+        items.add(*row)
+    return table, items
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Guessing a format from file names
 
 _BY_NAME = (
@@ -1115,6 +1355,7 @@ _BY_NAME = (
     ("*_review.json.gz", "yelp"),
     ("reviews_*.json", "amazon2014"),
     ("reviews_*.json.gz", "amazon2014"),
+    ("*.inter", "recbole"),
 )
 
 

@@ -45,12 +45,23 @@ class P5Trainer(Seq2SeqTrainer):
     """
 
     def __init__(self, *args, embedding_lr_multiplier: float = 1.0, id_rows=None, id_lr_multiplier: float = 1.0,
-                 train_lengths=None, **kwargs):
+                 train_lengths=None, curve=None, **kwargs):
         self.embedding_lr_multiplier = float(embedding_lr_multiplier)
         self.id_rows = None if not id_rows else torch.as_tensor(sorted(id_rows), dtype=torch.long)
         self.id_lr_multiplier = float(id_lr_multiplier)
         self.train_lengths = None if train_lengths is None else list(train_lengths)
+        self.curve = curve  # a LearningCurveCallback whose per-family metrics join each evaluation's
         super().__init__(*args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's loop, plus the learning curve's per-family validation metrics in its metrics: the
+        Trainer logs them right after (``report_to`` integrations, ``log_history``) and best-model selection
+        reads them."""
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self.curve is not None and prefix == "eval":
+            self.curve.measure(self.model, self.state, output.metrics)
+        return output
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length" and self.train_lengths is not None:

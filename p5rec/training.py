@@ -195,7 +195,8 @@ TRAINING_DEFAULTS = dict(
     save_steps=900,
     save_total_limit=2,
     seed=42,
-    report_to="none",
+    report_to="none",  # --report_to tensorboard (or any integration installed) logs loss and per-family metrics
+    ddp_find_unused_parameters=False,  # several processes: every T5 parameter is used in every step
     dataloader_num_workers=0,
     dataloader_pin_memory=False,
     train_sampling_strategy="group_by_length",
@@ -247,12 +248,13 @@ def prepare_data(dargs: DataArguments, seed: int):
 # exactly these, so a user's own file in the directory survives a re-run.
 RUN_FILES = (
     "run_config.json", "versions.json", "manifest.json", "index.json", "train_log.txt", "train_results.json",
-    "learning_curve.json", "results.json", "results.md", "config.json", "generation_config.json",
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
-    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model", "trainer_state.json",
-    "training_args.bin", "all_results.json", "eval_results.json",
+    "learning_curve.json", "learning_curve.png", "results.json", "results.md", "results.png", "config.json",
+    "generation_config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model",
+    "trainer_state.json", "training_args.bin", "all_results.json", "eval_results.json",
+    "runs",  # --report_to tensorboard: the Trainer's event files, runs/<time>_<host>/
 )
-RUN_PATTERNS = ("checkpoint-*", "results-*.json", "results-*.md", "model-*-of-*.safetensors")
+RUN_PATTERNS = ("checkpoint-*", "results-*.json", "results-*.md", "results-*.png", "model-*-of-*.safetensors")
 
 
 class OutputDirError(FileExistsError):
@@ -260,7 +262,12 @@ class OutputDirError(FileExistsError):
 
 
 def is_run_file(path: Path) -> bool:
-    """Whether ``path`` (an entry at the top of a run directory) is one a p5rec run writes."""
+    """Whether ``path`` (an entry at the top of a run directory) is one a p5rec run writes. ``README.md`` is the
+    run's model card only if p5rec wrote it (:func:`p5rec.modelcard.is_generated`); a README of the user's is not."""
+    if path.name == "README.md":
+        from p5rec.modelcard import is_generated
+
+        return is_generated(path)
     return path.name in RUN_FILES or any(path.match(pattern) for pattern in RUN_PATTERNS)
 
 
@@ -349,7 +356,9 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     import torch
     from transformers import DataCollatorForSeq2Seq, set_seed
 
+    from p5rec import modelcard, plots
     from p5rec.callbacks import LearningCurveCallback
+    from p5rec.evaluation import CURVE_METRIC
     from p5rec.mixture import MixtureSpec, build_mixture, id_tokens, row_lengths
     from p5rec.model import build_model, item_token_range, load_pretrained
     from p5rec.trainer import P5Trainer
@@ -357,21 +366,40 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
 
     started = time.time()
     if not targs.output_dir:
-        targs.output_dir = default_output_dir(margs, dargs)
+        name = [default_output_dir(margs, dargs)]
+        if targs.world_size > 1:  # the main process's name: the clocks of the others may be a second apart
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(name, from_process=0)
+        targs.output_dir = name[0]
     run_dir = Path(targs.output_dir)
-    # before anything is written there: a refused or failed resume leaves the directory exactly as it was
+    # Several processes (accelerate launch, torchrun): all train, one writes. The main process (global rank 0)
+    # alone writes the run directory, the learning curve, the results, the plots and the model card; the cached
+    # preparation and mixture are built by each machine's first process while the others wait, then loaded.
+    is_main = targs.process_index == 0
+    if not is_main:
+        logging.getLogger().setLevel(targs.get_process_log_level())
+    # before anything is written there: a refused or failed resume leaves the directory exactly as it was. Every
+    # process checks (the same answer everywhere, so all stop together), then they wait for each other, so the
+    # main process's first file cannot make the directory look taken to a slower one.
     clear = check_output_dir(run_dir, targs.resume_from_checkpoint, dargs.overwrite_output_dir)
     if isinstance(targs.resume_from_checkpoint, str) and targs.resume_from_checkpoint:
         from p5rec.run import check_checkpoint
 
         check_checkpoint(Path(targs.resume_from_checkpoint))  # a damaged file fails now, not after data and mixture
-    if clear:
-        clear_run_files(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _add_file_log(run_dir / "train_log.txt")
+    _wait_for_everyone(targs)
+    if is_main:
+        if clear:
+            clear_run_files(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _add_file_log(run_dir / "train_log.txt")
+    if targs.world_size > 1:
+        logger.info("process %d of %d (%s); the main process writes %s", targs.process_index, targs.world_size,
+                    targs.parallel_mode, run_dir)
     set_seed(targs.seed)
 
-    prepared = prepare_data(dargs, targs.seed)
+    with targs.main_process_first(local=True, desc="data preparation and tokenized mixture"):
+        prepared = prepare_data(dargs, targs.seed)
     extra = [Path(p) for p in dargs.template_files.split(",")] if dargs.template_files else None
     templates = load_templates(paths=extra)
     unknown = [t for t in dargs.template_list() or () if t not in templates]
@@ -400,7 +428,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     )
     cache_dir = Path(dargs.cache_dir) if dargs.cache_dir else None
     t0 = time.time()
-    tokenizer, train, valid, mix_info = build_mixture(prepared, templates, render_config, spec, cache_dir)
+    with targs.main_process_first(local=True, desc="data preparation and tokenized mixture"):
+        tokenizer, train, valid, mix_info = build_mixture(prepared, templates, render_config, spec, cache_dir)
     mix_info["seconds"] = round(time.time() - t0, 2)
     logger.info("mixture: %d train rows, %d valid rows (%.1fs)", len(train), len(valid), mix_info["seconds"])
 
@@ -424,8 +453,9 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     trained = sorted(set(train["template"]))
     mix_info["trained_templates"] = trained
 
-    _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model)
-    tokenizer.save_pretrained(str(run_dir))
+    if is_main:
+        _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model)
+        tokenizer.save_pretrained(str(run_dir))
 
     text_cols = [c for c in train.column_names if c not in ("input_ids", "attention_mask", "labels")]
     curve = LearningCurveCallback(
@@ -451,18 +481,31 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8),
         processing_class=tokenizer,
         callbacks=[curve],
+        curve=curve,
     )
     train_result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    trainer.save_model(str(run_dir))
+    trainer.save_model(str(run_dir))  # the Trainer saves from the main process only
     trainer.save_state()
+    if not is_main:
+        logger.info("process %d done; the main process evaluates and writes the run directory", targs.process_index)
+        return run_dir
     metrics = dict(train_result.metrics)
     metrics["train_rows"] = len(train)
+    metrics["processes"] = targs.world_size
     atomic.write_text(run_dir / "train_results.json", json.dumps(metrics, indent=2))
     logger.info("training done in %.0fs: %s", metrics.get("train_runtime", 0), metrics)
+    _draw(run_dir, "learning curve", lambda: plots.learning_curve_plot(run_dir, CURVE_METRIC))
 
     if not dargs.skip_test:
         from p5rec.evaluation import FULL_RESULTS, EvalConfig, evaluate_run
 
+        # FSDP and ZeRO-3 shard the weights over the processes: the main process alone cannot run the model in
+        # memory, so it scores the saved one (configs/accelerate/; not run on this project's machines)
+        sharded = getattr(trainer, "is_fsdp_enabled", False) or (
+            getattr(trainer, "is_deepspeed_enabled", False)
+            and getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
+        if sharded:
+            logger.info("weights sharded over %d processes: scoring the saved model", targs.world_size)
         evaluate_run(  # the run's own evaluation, as its flags cap it: results.json, whatever the caps
             run_dir,
             EvalConfig(
@@ -473,16 +516,33 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
                 seed=targs.seed,
                 sasrec=dargs.sasrec_baseline,
             ),
-            model=model,
-            tokenizer=tokenizer,
+            model=None if sharded else model,
+            tokenizer=None if sharded else tokenizer,
             prepared=prepared,
             templates=templates,
             out=run_dir / FULL_RESULTS,
         )
     total = time.time() - started
     _update_json(run_dir / "run_config.json", {"wall_clock_seconds": round(total, 1)})
+    modelcard.write_model_card(run_dir)
     logger.info("run directory: %s (%.0fs in all)", run_dir, total)
     return run_dir
+
+
+def _draw(run_dir: Path, what: str, draw) -> None:
+    """Make a plot; a failure to draw is a warning, never the loss of a finished run."""
+    try:
+        path = draw()
+    except Exception as exc:  # noqa: BLE001 - matplotlib failures are many and none is worth the run
+        logger.warning("could not draw the %s in %s: %s: %s", what, run_dir, type(exc).__name__, exc)
+        return
+    if path is not None:
+        logger.info("wrote %s", path)
+
+
+def _wait_for_everyone(targs) -> None:
+    if targs.world_size > 1:
+        targs.distributed_state.wait_for_everyone()
 
 
 def _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model) -> None:
@@ -544,10 +604,34 @@ def _add_file_log(path: Path) -> None:
     root.addHandler(handler)
 
 
+def _cpu_processes() -> None:
+    """Several processes on a machine without a GPU train data-parallel on the CPU (gloo).
+
+    ``accelerate launch --multi_gpu --num_processes N`` (or ``--config_file configs/accelerate/cpu.yaml``, or
+    torchrun) starts N processes with ``WORLD_SIZE``; without a GPU, accelerate would make each one a separate
+    single-process run (all of them rank 0, all writing the run directory) unless told to use the CPU, which is
+    done here. ``accelerate launch --cpu --num_processes N`` is another thing: accelerate 1.x starts one process
+    for it unless ``--mpirun_hostfile`` is given, so that is said, not silently run as one.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+            logger.info("%d processes and no GPU: data-parallel on the CPU (gloo)", world)
+    elif (world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+          and os.environ.get("MASTER_ADDR") and "LOCAL_RANK" not in os.environ):
+        logger.warning("`accelerate launch --cpu --num_processes N` started one process: accelerate spreads CPU "
+                       "processes only through mpirun (--mpirun_hostfile). For N processes on this machine: "
+                       "accelerate launch --config_file configs/accelerate/cpu.yaml train.py ...")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    _cpu_processes()
     margs, dargs, targs = parse_args(argv)
     from p5rec.run import RunError
 

@@ -9,29 +9,18 @@ import torch
 
 from p5rec.training import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "samples" / "mi_tiny.json.gz"
-TINY = [
-    "--dataset", str(SAMPLE), "--preset", "tiny", "--vocab_size", "500",
-    "--renders", "sequential=2,direct=1,rating=1,explanation=1,review=1",
-    "--per_device_train_batch_size", "16", "--max_steps", "24", "--eval_steps", "12", "--save_steps", "12",
-    "--logging_steps", "6", "--eval_users", "8", "--test_max_cases", "12", "--test_max_candidate_cases", "3",
-    "--disable_tqdm", "true", "--learning_rate", "5e-3", "--max_source_length", "160",
-]
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    torch.set_num_threads(2)
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert train_main(TINY + ["--output_dir", str(out)]) == 0
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def test_run_directory_holds_everything(run_dir):
     for name in ["run_config.json", "versions.json", "config.json", "model.safetensors", "tokenizer.json",
                  "manifest.json", "index.json", "learning_curve.json", "results.json", "results.md",
-                 "train_log.txt", "train_results.json"]:
+                 "train_log.txt", "train_results.json", "learning_curve.png", "results.png", "README.md"]:
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "run_config.json").read_text())
     assert config["seed"] == 42 and config["model"]["preset"] == "tiny"

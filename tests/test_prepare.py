@@ -129,6 +129,68 @@ def test_cli_prepare_stats_and_errors(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "nothing")]) == 2
 
 
+def write_recbole(folder: Path) -> Path:
+    """RecBole's ml-100k atomic format (the header names and types of recbole/dataset_example/ml-100k): 7 users
+    x 9 movies, the last movie rated once (k=2 drops it), plus a .user file p5rec does not read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    inter = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(1, 8):
+        inter += [f"{u}\t{1 + (u + j) % 8}\t{1 + (u * j) % 5}\t{881250949 + 100 * j + u}" for j in range(5)]
+    inter.append("1\t9\t5\t881250000")
+    titles = ["Toy Story", "GoldenEye", "Four Rooms", "Get Shorty", "Copycat", "Twelve Monkeys", "Babe",
+              "Dead Man Walking", "Richard III"]
+    item = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    item += [f"{i}\t{t}\t1995\tDrama Comedy" for i, t in enumerate(titles, start=1)]
+    (folder / "ml-tiny.inter").write_text("\n".join(inter) + "\n")
+    (folder / "ml-tiny.item").write_text("\n".join(item) + "\n")
+    (folder / "ml-tiny.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+                                         "1\t24\tM\ttechnician\t85711\n")
+    return folder
+
+
+def test_cli_prepares_recbole_folder_or_inter_file(tmp_path, capsys):
+    """One command moves a RecBole dataset to p5rec: counts before filtering in the manifest, titles in prompts."""
+    folder = write_recbole(tmp_path / "ml-tiny")
+    outs = []
+    for i, path in enumerate([folder, folder / "ml-tiny.inter"]):
+        outs.append(tmp_path / f"p{i}")
+        assert main(["data", "prepare", "--path", str(path), "--format", "recbole", "--k", "2", "--n-negatives", "2",
+                     "--out", str(outs[-1])]) == 0
+    first, second = (json.loads((o / "manifest.json").read_text()) for o in outs)
+    assert first["format"] == "recbole" and first["dataset"] == "ml-tiny" == second["dataset"]
+    assert first["counts"]["before"] == {"users": 7, "items": 9, "interactions": 36}
+    assert first["counts"]["after"]["items"] == 8 and first["counts"]["read"]["items"] == 9
+    assert first["fingerprint"] == second["fingerprint"]  # the folder and its .inter file prepare the same
+    capsys.readouterr()
+    assert main(["data", "stats", str(outs[0])]) == 0
+    assert "36 interactions, 0 malformed lines; 7 users, 9 items" in capsys.readouterr().out
+    assert main(["templates", "preview", "2-T1", "--dataset", str(outs[0]), "-n", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert sum(t in shown for t in ("Toy Story", "GoldenEye", "Four Rooms", "Get Shorty", "Copycat")) >= 2
+    # the format is guessed from the .inter name; a bad header is one line naming file, line and field
+    (folder / "ml-tiny.inter").write_text("user_id\titem_id:token\n1\t2\n")
+    assert main(["data", "prepare", "--path", str(folder), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ml-tiny.inter line 1, field 1: 'user_id' is not name:type" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_delimiter_flag(tmp_path, capsys):
+    path = tmp_path / "log.dat"
+    path.write_text("user|item|rating\n" + "".join(f"u{u}|i{(u + j) % 6}|{1 + j % 5}\n" for u in range(5)
+                                                     for j in range(4)))
+    assert main(["data", "prepare", "--path", str(path), "--format", "csv", "--delimiter", "|", "--k", "2",
+                 "--n-negatives", "2", "--out", str(tmp_path / "o")]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["counts"]["before"]["interactions"] == 20 and manifest["params"]["delimiter"] == "|"
+    from p5rec.prepare import _parse_delimiter
+
+    assert _parse_delimiter("\\t") == "\t" == _parse_delimiter("tab")  # `--delimiter '\t'` as typed in a shell
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--path", str(path), "--delimiter", "||"])
+    assert "expected one character" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not MI.exists(), reason="embedded Musical Instruments file not present")
 def test_musical_instruments_end_to_end(tmp_path):
     out = prepare(MI, tmp_path / "mi")

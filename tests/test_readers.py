@@ -6,6 +6,7 @@ import calendar
 import gzip
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -446,7 +447,7 @@ def test_registry_rules():
         registry.get("b")
     assert readers.READERS.names() == sorted([
         "amazon2014", "amazon2018", "amazon2023", "movielens100k", "movielens1m", "movielens-latest", "yelp",
-        "p5seq", "csv", "jsonl", "parquet"])
+        "p5seq", "recbole", "csv", "jsonl", "parquet"])
 
 
 # --- Real files ----------------------------------------------------------------------------------------------------
@@ -487,3 +488,134 @@ def test_undecodable_and_truncated_files_name_the_line(tmp_path):
     (tmp_path / "reviews_Cut.json.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataFormatError, match=r"reviews_Cut.json.gz line \d+: corrupt or truncated gzip"):
         read("amazon2014", tmp_path / "reviews_Cut.json.gz")
+
+
+# --- RecBole atomic files ----------------------------------------------------------------------------------------
+
+# The headers of RecBole's ml-100k atomic files (recbole/dataset_example/ml-100k in its wheel), field for field.
+ML100K_INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+ML100K_ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"
+ML100K_USER_HEADER = "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"
+
+
+def write_recbole_ml100k(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_lines(folder / "ml-100k.inter", [ML100K_INTER_HEADER, "196\t242\t3\t881250949", "186\t302\t3\t891717742",
+                                           "22\t377\t1\t878887116", "196\t302\t4.5\t881250950.0"])
+    write_lines(folder / "ml-100k.item", [ML100K_ITEM_HEADER, "242\tKolya\t1996\tComedy",
+                                          "302\tL.A. Confidential\t1997\tCrime Film-Noir Mystery Thriller",
+                                          "377\tHeavyweights\t1994\tChildren's Comedy"])
+    write_lines(folder / "ml-100k.user", [ML100K_USER_HEADER, "196\t49\tM\twriter\t55105"])
+    return folder
+
+
+def test_recbole_folder_or_inter_file(tmp_path, caplog):
+    folder = write_recbole_ml100k(tmp_path / "ml-100k")
+    assert detect_format(folder) == "recbole" and detect_format(folder / "ml-100k.inter") == "recbole"
+    with caplog.at_level("INFO", logger="p5rec.readers"):
+        result = read("recbole", folder)
+    assert "ml-100k.user" in caplog.text  # named as not read, never dropped in silence
+    assert_canonical(result)
+    assert rows(result)[-1] == {"user": "196", "item": "302", "rating": 4.5, "timestamp": 881250950, "review": "",
+                                "summary": "", "user_name": ""}
+    assert result.interactions["timestamp"][:3] == [881250949, 891717742, 878887116]
+    assert result.counts == {"read": 4, "malformed": 0, "meta_read": 3, "interactions": 4, "items": 3}
+    items = {r["item"]: r for r in result.items.to_list()}
+    assert items["302"] == {"item": "302", "title": "L.A. Confidential", "brand": "",
+                            "categories": ["Crime", "Film-Noir", "Mystery", "Thriller"]}
+    assert items["377"]["categories"] == ["Children's", "Comedy"]
+    # the .inter file alone: the .item beside it is found
+    alone = read("recbole", folder / "ml-100k.inter")
+    assert alone.items is not None and alone.items.to_list() == result.items.to_list()
+    assert alone.interactions.to_list() == result.interactions.to_list()
+
+
+def test_recbole_amazon_item_fields_and_other_names(tmp_path):
+    folder = tmp_path / "Amazon_Beauty"
+    folder.mkdir()
+    write_lines(folder / "Amazon_Beauty.inter", ["user_id:token\titem_id:token\trating:float\ttimestamp:float",
+                                                 "U1\tB01\t5.0\t1393545600", "U2\tB02\t\t1393545601"])
+    write_lines(folder / "Amazon_Beauty.item", [
+        "item_id:token\ttitle:token\tsales_type:token\tsales_rank:float\tcategories:token_seq\tprice:float\tbrand:token",
+        "B01\tBio-Active Serum\tBeauty\t461765.0\t'Beauty', 'Skin Care', 'Face'\t12.5\tNadia",
+        "B02\tNail File\tBeauty\t\t\t\t"])
+    result = read("recbole", folder)
+    assert math.isnan(result.interactions["rating"][1])  # a blank float: implicit, not malformed
+    assert result.items.to_list() == [
+        {"item": "B01", "title": "Bio-Active Serum", "brand": "Nadia", "categories": ["Beauty", "Skin Care", "Face"]},
+        {"item": "B02", "title": "Nail File", "brand": "", "categories": []}]
+    # non-standard names: --columns, with or without the field's type
+    write_lines(folder / "Amazon_Beauty.inter", ["uid:token\tiid:token\tscore:float", "U1\tB01\t5"])
+    with pytest.raises(DataFormatError, match=r"Amazon_Beauty.inter line 1: no user field .*user_id:token.*"
+                                              r"fields: uid:token, iid:token, score:float"):
+        read("recbole", folder)
+    with pytest.raises(DataFormatError, match="Amazon_Beauty.item line 1: no 'iid' field"):  # the .item's item field
+        read("recbole", folder, columns={"user": "uid:token", "item": "iid", "rating": "score"})
+    (folder / "Amazon_Beauty.item").unlink()
+    result = read("recbole", folder, columns={"user": "uid:token", "item": "iid", "rating": "score"})
+    assert rows(result)[0]["rating"] == 5.0 and result.items is None
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (["user_id\titem_id", "1\t2"], r"x.inter line 1, field 1: 'user_id' is not name:type"),
+    (["user_id:token\titem_id:tokn", "1\t2"], r"x.inter line 1, field 2: 'item_id:tokn' is not name:type"),
+    (["user_id:token\tuser_id:float", "1\t2"], r"x.inter line 1: field 'user_id' is named twice"),
+    (["user_id:token\titem_id:token\trating:float", "1\t2\t3", "1\t2"],
+     r"x.inter line 3: expected 3 '\\t'-separated fields \(as in the header\), found 2"),
+    (["user_id:token\titem_id:token\trating:float", "1\t2\tfive"], r"x.inter line 2: field 'rating' is not a number"),
+    ([], r"x.inter is empty \(expected a header line"),
+])
+def test_recbole_bad_input_names_file_line_and_field(tmp_path, lines, expected):
+    write_lines(tmp_path / "x.inter", lines)
+    with pytest.raises(DataFormatError, match=expected):
+        read("recbole", tmp_path / "x.inter")
+
+
+def test_recbole_skip_counts_and_split_files(tmp_path):
+    write_lines(tmp_path / "d.inter", ["user_id:token\titem_id:token", "1\t2", "1", "2\t3"])
+    result = read("recbole", tmp_path / "d.inter", on_error="skip")
+    assert result.counts["malformed"] == 1 and result.interactions["item"] == ["2", "3"]
+    write_lines(tmp_path / "d.train.inter", ["user_id:token\titem_id:token", "1\t2"])
+    with pytest.raises(ValueError, match="both a whole interaction file and benchmark split files"):
+        read("recbole", tmp_path)
+    (tmp_path / "d.inter").unlink()
+    write_lines(tmp_path / "d.test.inter", ["user_id:token\titem_id:token", "1\t4"])
+    assert read("recbole", tmp_path).interactions["item"] == ["4", "2"]  # every split, in name order
+
+
+def test_csv_reads_tab_separated_files_of_any_extension(tmp_path):
+    """The bug report: RecBole's .inter through the generic reader with its typed header names."""
+    folder = write_recbole_ml100k(tmp_path / "ml")
+    columns = {"user": "user_id:token", "item": "item_id:token", "rating": "rating:float",
+               "timestamp": "timestamp:float"}
+    detected = read("csv", folder / "ml-100k.inter", columns=columns)
+    assert detected.interactions.to_list() == read("recbole", folder).interactions.to_list()
+    txt = write_lines(tmp_path / "log.txt", ["user;item;rating", "a;x;1", "b;y;2"])  # semicolons, detected
+    assert read("csv", txt).interactions["rating"] == [1.0, 2.0]
+    # a separator given by hand wins; a header that did not split says which separator it holds
+    with pytest.raises(DataFormatError) as info:
+        read("csv", folder / "ml-100k.inter", columns=columns, delimiter=",")
+    message = str(info.value)
+    assert "available columns: 'user_id:token\\titem_id:token" in message and "pass --delimiter '\\t'" in message
+    tab = write_lines(tmp_path / "weird.dat", ["user\titem", "a\tb,c"])  # a comma inside a tab-separated field
+    assert read("csv", tab, delimiter="\t").interactions["item"] == ["b,c"]
+    with pytest.raises(ValueError, match="a delimiter is one character"):
+        read("csv", tab, delimiter="\t\t")
+    with pytest.raises(ValueError, match="a delimiter applies to the formats csv, recbole"):
+        read("jsonl", tab, delimiter="\t")
+
+
+def test_every_format_is_described_for_data_list():
+    assert set(readers.FORMAT_FILES) == set(readers.READERS.names())
+
+
+RECBOLE_ML100K = Path(os.environ.get("P5REC_RECBOLE_ML100K", REPO.parent / "shared" / "data" / "recbole" / "ml-100k"))
+
+
+@pytest.mark.skipif(not (RECBOLE_ML100K / "ml-100k.inter").is_file(),
+                    reason="RecBole's ml-100k atomic files not present (P5REC_RECBOLE_ML100K; bench/README.md)")
+def test_real_recbole_ml100k_counts():
+    result = read("recbole", RECBOLE_ML100K)
+    assert result.counts["interactions"] == 100_000 and result.counts["malformed"] == 0
+    assert len(set(result.interactions["user"])) == 943 and len(set(result.interactions["item"])) == 1682
+    assert len(result.items) == 1682 and result.items[0]["title"] == "Toy Story"
