@@ -11,12 +11,8 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-# Which metric stands for a family on the learning curve (one seen template per protocol, on validation cases).
-CURVE_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "rating": "RMSE", "explanation": "ROUGE-L",
-                "review": "ROUGE-L"}
-# The protocols a family's curve follows: its headline ones, cheap enough to run at every evaluation.
-CURVE_PROTOCOLS = {"sequential": ("full ranking", "continuation"), "direct": ("candidates",),
-                   "rating": ("rating",), "explanation": ("text",), "review": ("text",)}
+# Which protocols a family's curve follows and which metric stands for it: its spec's ``curve:`` (the protocols are
+# its headline ones, cheap enough to run at every evaluation; a family without ``curve:`` has no curve).
 
 
 class LearningCurveCallback(TrainerCallback):
@@ -43,6 +39,9 @@ class LearningCurveCallback(TrainerCallback):
         self._started = None
         self._eval_seconds = 0.0
 
+    def _curve(self, family: str):
+        return self.templates.family_info(family).curve
+
     def _probe_templates(self) -> list[tuple[str, object]]:
         """(curve key, template): the first trained template of each family and curve protocol."""
         from p5rec.evaluation import protocol_of
@@ -54,7 +53,8 @@ class LearningCurveCallback(TrainerCallback):
             if self.trained is not None and t.id not in self.trained:
                 continue
             proto = protocol_of(t)
-            wanted = CURVE_PROTOCOLS.get(t.family, ())
+            curve = self._curve(t.family)
+            wanted = curve.protocols if curve else ()
             if proto not in wanted:
                 continue
             key = t.family if proto == wanted[0] else f"{t.family}/{proto}"
@@ -87,7 +87,7 @@ class LearningCurveCallback(TrainerCallback):
         for key, t in self._probe_templates():
             r = score_template(model, self.tokenizer, self.prepared, t, cfg, self.render_config, self._tries,
                                self.templates.family_info(t.family).data, self.templates)
-            metric = CURVE_METRIC.get(t.family)
+            metric = self._curve(t.family).metric
             point[key] = {"template": t.id, **{k: v for k, v in r.metrics.items()
                                                  if k in (metric, "HR@10", "MAE", "RMSE_expected")}}
             if metrics is not None and metric in r.metrics:
