@@ -195,3 +195,35 @@ def test_a_new_family_is_a_folder_trained_and_evaluated_without_python(tmp_path)
     md = written[0].with_suffix(".md").read_text()
     assert "| stars | rating | RMSE |" in md and "## stars" in md
     assert "| template | protocol | seen | n | RMSE | MAE |" in md
+
+
+def test_p5rec_defaults_are_the_roles_the_specs_declare():
+    from p5rec.inference import P5Rec
+    from p5rec.templates import RenderConfig
+
+    class Index:
+        users, items = {"u1": 0}, {"i1": 0}
+
+    rec = P5Rec(None, None, Index(), T.load_templates(), RenderConfig(), trained={"2-1"}, trie=object())
+    specs = F.shipped_specs()
+    for spec in specs.values():
+        for role, (known, new) in spec.inference.items():
+            assert (rec.default_template(role), rec.default_template(role, known_user=False)) == (known, new)
+    assert rec._recommend_template(True) == specs["sequential"].inference["recommend"][0]  # no sequence template trained
+    # recommending and ranking with a history also take the direct family's candidate templates, nothing else
+    direct = specs["direct"].inference["rank_direct"][0]
+    assert rec._template(direct, "rank").family == "direct"
+    with pytest.raises(ValueError, match="belongs to family 'rating', not 'sequential'"):
+        rec._template(specs["rating"].inference["rating"][0], "recommend")
+    bare = P5Rec(None, None, Index(), T.load_templates(families=["rating"]), RenderConfig(), trie=object())
+    with pytest.raises(ValueError, match="no family of this run declares a default template for 'summarize'"):
+        bare.default_template("summarize")
+
+
+def test_a_bad_family_file_stops_training_with_one_line(tmp_path, capsys):
+    from p5rec.training import main as train_main
+
+    bad = _family_file(tmp_path, "family: stars\ndata: rating\nrenders: many\n")
+    assert train_main(TINY + ["--output_dir", str(tmp_path / "run"), "--template_files", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train: {bad}:3: [] family: renders: expected a whole number >= 0, got 'many'"]
