@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from p5rec.families import shipped_specs
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 CONFIGS = {
@@ -28,18 +30,13 @@ CONFIGS = {
     "id-lr8": ["--id_embedding_lr_multiplier", "8"],
     "id-recipe": ["--id_embedding_init_std", "0.1", "--id_embedding_lr_multiplier", "8"],
 }
-# (family, protocol, metrics shown, baseline family, baseline names)
-ROWS = [
-    ("sequential", "continuation", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "sequential", ["popularity", "SASRec"]),
-    ("sequential", "full ranking", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "sequential", ["popularity", "SASRec"]),
-    ("direct", "candidates", ["HR@5", "NDCG@5", "HR@10", "NDCG@10"], "direct", ["popularity"]),
-    ("direct", "yes/no over candidates", ["HR@10", "NDCG@10"], "direct", ["popularity"]),
-    ("rating", "rating", ["RMSE", "MAE"], "rating", ["global mean", "biased MF"]),
-    ("rating", "rating", ["RMSE_expected", "MAE_expected"], "rating", []),
-    ("explanation", "text", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"], "explanation", None),
-    ("review", "text", ["BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L"], "review", None),
-    ("review", "rating", ["RMSE", "MAE"], "rating", ["global mean"]),
-]
+
+
+def rows(results: dict) -> list[tuple[str, str, list[str], list[str]]]:
+    """(family, protocol, metrics shown, baselines) for each protocol a family declares (tasks/<family>/templates.yaml)
+    and some configuration's results hold, in the families' order."""
+    return [(fam, proto, list(p.metrics), list(p.baselines)) for fam, spec in shipped_specs().items()
+            for proto, p in spec.protocols.items() if any(proto in r["families"].get(fam, {}) for r in results.values())]
 
 
 def run_config(name: str) -> None:
@@ -69,17 +66,15 @@ def table() -> str:
     res = {n: json.loads((OUT / f"mi-{n}-results.json").read_text()) for n in done}
     head = "| family (protocol) | metrics | " + " | ".join(f"{n} seen | {n} unseen" for n in done) + " | baselines |"
     lines = [head, "|" + "---|" * (3 + 2 * len(done))]
-    for fam, proto, keys, bfam, bnames in ROWS:
+    for fam, proto, keys, bnames in rows(res):
         cells = []
         for n in done:
             agg = res[n]["families"].get(fam, {}).get(proto, {})
             for part in ("seen", "unseen"):
                 m = agg.get(part) or {}
                 cells.append(" / ".join(_fmt(m.get(k), k) for k in keys) if m else "–")
-        base = res[done[-1]]["baselines"].get(bfam, {}) if done else {}
-        names = bnames if bnames is not None else list(base)
-        b = "; ".join(f"{bn} " + " / ".join(_fmt(base[bn].get(k), k) for k in keys) for bn in names
-                      if bn in base and all(k in base[bn] for k in keys))
+        base = res[done[-1]]["baselines"].get(fam, {}) if done else {}
+        b = "; ".join(f"{bn} " + " / ".join(_fmt(base[bn].get(k), k) for k in keys) for bn in bnames if bn in base)
         lines.append(f"| {fam} ({proto}) | {' / '.join(keys)} | " + " | ".join(cells) + f" | {b} |")
     lines.append("")
     for n in done:

@@ -9,13 +9,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from p5rec.evaluation import CURVE_METRIC  # which metric stands for a family on the learning curve
-
 logger = logging.getLogger(__name__)
 
-# The protocols a family's curve follows: its headline ones, cheap enough to run at every evaluation.
-CURVE_PROTOCOLS = {"sequential": ("full ranking", "continuation"), "direct": ("candidates",),
-                   "rating": ("rating",), "explanation": ("text",), "review": ("text",)}
+# Which protocols a family's curve follows and which metric stands for it: its spec's ``curve:`` (the protocols are
+# its headline ones, cheap enough to run at every evaluation; a family without ``curve:`` has no curve).
 
 
 class LearningCurveCallback(TrainerCallback):
@@ -48,6 +45,9 @@ class LearningCurveCallback(TrainerCallback):
         self._eval_seconds = 0.0
         self._measured_at: int | None = None  # the step whose point measure() has added and on_evaluate not yet saved
 
+    def _curve(self, family: str):
+        return self.templates.family_info(family).curve
+
     def _probe_templates(self) -> list[tuple[str, object]]:
         """(curve key, template): the first trained template of each family and curve protocol."""
         from p5rec.evaluation import protocol_of
@@ -59,7 +59,8 @@ class LearningCurveCallback(TrainerCallback):
             if self.trained is not None and t.id not in self.trained:
                 continue
             proto = protocol_of(t)
-            wanted = CURVE_PROTOCOLS.get(t.family, ())
+            curve = self._curve(t.family)
+            wanted = curve.protocols if curve else ()
             if proto not in wanted:
                 continue
             key = t.family if proto == wanted[0] else f"{t.family}/{proto}"
@@ -104,7 +105,7 @@ class LearningCurveCallback(TrainerCallback):
         for key, t in self._probe_templates():
             r = score_template(model, self.tokenizer, self.prepared, t, cfg, self.render_config, self._tries,
                                self.templates.family_info(t.family).data, self.templates)
-            metric = CURVE_METRIC.get(t.family)
+            metric = self._curve(t.family).metric
             point[key] = {"template": t.id, **{k: v for k, v in r.metrics.items()
                                                  if k in (metric, "HR@10", "MAE", "RMSE_expected")}}
             if metric in r.metrics:

@@ -34,19 +34,24 @@ from typing import Any, Callable
 import numpy as np
 
 from p5rec import atomic, baselines, decoding, metrics
+from p5rec.families import FamilySpec, shipped_specs
 
 logger = logging.getLogger(__name__)
 
 RANKING_KEYS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MAP@10")
-# Which metric stands for a family on the learning curve (one seen template per protocol, on validation cases).
-CURVE_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "rating": "RMSE", "explanation": "ROUGE-L",
-                "review": "ROUGE-L"}
+
+
+def curve_metrics(specs: dict[str, FamilySpec] | None = None) -> dict[str, str]:
+    """family -> the metric that stands for it on the learning curve (its spec's ``curve:``)."""
+    specs = shipped_specs() if specs is None else specs
+    return {f: spec.curve.metric for f, spec in specs.items() if spec.curve is not None}
 
 
 @dataclass
 class EvalConfig:
     split: str = "test"
-    families: tuple[str, ...] = ("sequential", "direct", "rating", "explanation", "review", "ranking")
+    # every shipped family, in its spec's order; naming them all also scores a run's own (--template_files) ones
+    families: tuple[str, ...] = field(default_factory=lambda: tuple(shipped_specs()))
     templates: tuple[str, ...] = ()  # template ids; empty: all
     max_cases: int = 0  # cases per template (users for ranking); 0: all
     max_candidate_cases: int = 200  # users for per-candidate (yes/no over 100 candidates) templates; 0: all
@@ -332,7 +337,7 @@ def _rating(ctx: Context, t) -> Scored:
     """Greedy output parsed and clipped to [1, 5] (P5's protocol; unparsable outputs counted), and beside it
     the expected star under the model's distribution over "1".."5" (the estimate that minimises squared error)."""
     sources, golds, outputs, examples = _generate(ctx, t, text=False)
-    fallback = baselines.global_mean_rating(ctx.prepared.family("rating")["train"]["rating"])
+    fallback = baselines.global_mean_rating(ctx.prepared.family(ctx.table)["train"]["rating"])
     result = metrics.rating_metrics(outputs, [float(g) for g in golds], fallback=fallback)
     stars = ["1", "2", "3", "4", "5"]
     lp = decoding.choice_logprobs(ctx.model, ctx.tokenizer, sources, stars, batch_size=ctx.cfg.batch_size,
@@ -346,9 +351,10 @@ def _rating(ctx: Context, t) -> Scored:
 
 @register("text", needs=("records",))
 def _text(ctx: Context, t) -> Scored:
-    """Beam-searched text (``EvalConfig.text_*``): BLEU-4 (BLEU-2 for review summaries), ROUGE-1/2/L, distinct-1/2."""
+    """Beam-searched text (``EvalConfig.text_*``): BLEU-n as the family declares it (BLEU-4; BLEU-2 for review
+    summaries), ROUGE-1/2/L, distinct-1/2."""
     sources, golds, outputs, examples = _generate(ctx, t)
-    orders = (2,) if ctx.table == "review" else (4,)
+    orders = bleu_orders(_spec_of(t.family, ctx.templates), "text")
     return Scored(metrics.text_metrics(outputs, golds, bleu_orders=orders), len(sources), examples=examples)
 
 
@@ -367,8 +373,23 @@ def _sampled_rows(prepared, template, cfg: EvalConfig, render_config, templates)
 
 
 def _is_item_choice(template) -> bool:
-    """A yes/no template whose question is about one item (scored by ranking candidates by P(yes))."""
-    return template.family in ("sequential", "direct", "ranking") and "item" in template.variables
+    """A yes/no template whose question is about one item, answered by comparing it with the record's target item
+    (scored by ranking candidates by P(yes)); a yes/no about a star or a liking names no target."""
+    return "item" in template.variables and "target" in template.variables
+
+
+def _spec_of(family: str, templates=None) -> FamilySpec | None:
+    """The family's spec: from the run's TemplateSet when given (a family of --template_files), else shipped."""
+    if templates is not None and family in templates.families:
+        return templates.family_info(family)
+    return shipped_specs().get(family)
+
+
+def bleu_orders(spec: FamilySpec | None, protocol_name: str) -> tuple[int, ...]:
+    """The n of each ``BLEU-n`` the family reports under ``protocol_name``; (4,) when it declares none."""
+    declared = spec.protocols.get(protocol_name) if spec else None
+    orders = tuple(int(m[5:]) for m in (declared.metrics if declared else ()) if m[:5] == "BLEU-" and m[5:].isdigit())
+    return orders or (4,)
 
 
 def _attach_candidates(prepared, split: str, records: list[dict]) -> list[dict]:
@@ -413,14 +434,6 @@ def aggregate(results: list[TemplateResult]) -> dict:
                 keys = sorted({k for x in rs for k in x.metrics if k not in ("n", "invalid")})
                 groups[group] = {k: float(np.mean([x.metrics[k] for x in rs if k in x.metrics])) for k in keys}
     return out
-
-
-# Which baseline goes beside which protocol in the headline table.
-BASELINE_FOR = {("sequential", "full ranking"): ("SASRec", "popularity"),
-                ("sequential", "continuation"): ("SASRec", "popularity"),
-                ("direct", "candidates"): ("popularity",), ("direct", "yes/no over candidates"): ("popularity",),
-                ("rating", "rating"): ("biased MF",), ("explanation", "text"): ("nearest training explanation",),
-                ("review", "text"): ("summary of nearest training review",)}
 
 
 def run_baselines(prepared, cfg: EvalConfig) -> dict:
@@ -569,9 +582,12 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
     if unknown:
         raise ValueError(f"unknown families or templates {unknown}: families are {sorted(data_of)}, "
                          "template ids are listed by `p5rec templates list`")
+    families = set(cfg.families)
+    if set(shipped_specs()) <= families:  # every family: the run's own (--template_files) ones too
+        families |= set(data_of)
     chosen = [
         t for t in templates
-        if t.family in cfg.families and prepared.has_family(data_of[t.family])
+        if t.family in families and prepared.has_family(data_of[t.family])
         and (not cfg.templates or t.id in cfg.templates)
         and _renderable(t, prepared)
     ]
@@ -615,9 +631,10 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "baselines": run_baselines(prepared, cfg) if cfg.baselines else {},
         "seconds": round(time.time() - started, 1),
     }
-    report["headline"] = headline_rows(report)
-    images = _draw_plots(run_dir, report, out)
-    md = results_markdown(report, images)
+    specs = {f: templates.family_info(f) for f in templates.families}
+    report["headline"] = headline_rows(report, specs)
+    images = _draw_plots(run_dir, report, out, specs)
+    md = results_markdown(report, images, specs)
     atomic.write_text(out, json.dumps(report, indent=2))
     atomic.write_text(out.with_suffix(".md"), md)
     print(md)
@@ -636,40 +653,42 @@ def _higher_is_better(key: str) -> bool:
         return key not in ("invalid",)
 
 
-def results_panels(report: dict) -> list:
+def results_panels(report: dict, specs: dict[str, FamilySpec] | None = None) -> list:
     """One bar panel per family and protocol: the headline metric's mean over seen and over unseen templates,
-    beside every baseline scored under that protocol (:data:`BASELINE_FOR`)."""
+    beside every baseline its spec declares for that protocol that was scored."""
     from p5rec.plots import Bar, Panel
 
+    specs = shipped_specs() if specs is None else specs
     panels = []
     for fam, protos in report["families"].items():
         for proto, groups in protos.items():
-            metric = _headline_metric(fam, proto, groups)
+            declared = specs[fam].protocols.get(proto) if fam in specs else None
+            metric = _headline_metric(declared, groups)
             if metric is None:
                 continue
             bars = [Bar(f"p5rec, {group} templates", groups[group][metric], group)
                     for group in ("seen", "unseen") if metric in groups.get(group, {})]
             have = report["baselines"].get(fam, {})
-            bars += [Bar(name, have[name][metric], "baseline") for name in BASELINE_FOR.get((fam, proto), ())
+            bars += [Bar(name, have[name][metric], "baseline") for name in declared.baselines
                      if metric in have.get(name, {})]
             panels.append(Panel(f"{fam} ({proto})", metric, bars, lower_is_better=not _higher_is_better(metric)))
     return panels
 
 
-def _draw_plots(run_dir: Path, report: dict, out: Path) -> list[tuple[str, str]]:
+def _draw_plots(run_dir: Path, report: dict, out: Path, specs: dict | None = None) -> list[tuple[str, str]]:
     """The results beside their baselines as ``<out stem>.png`` and, for a run that lacks it, the learning curve;
     returns (caption, file name) for results.md. A plot that fails to draw is a warning, never lost results."""
     from p5rec import plots
 
     images = []
     try:
-        png = plots.bar_panels(results_panels(report), out.with_suffix(".png"),
+        png = plots.bar_panels(results_panels(report, specs), out.with_suffix(".png"),
                                f"{run_dir.name}: {report['split']} split, beside the baselines")
         if png is not None:
             images.append((f"{report['split'].capitalize()} results per family beside the baselines", png.name))
         curve = run_dir / "learning_curve.png"
         if not curve.exists() and (run_dir / "learning_curve.json").is_file():
-            plots.learning_curve_plot(run_dir, CURVE_METRIC)
+            plots.learning_curve_plot(run_dir, curve_metrics(specs))
         if curve.exists():
             images.append(("Learning curve (validation)", curve.name))
     except Exception as exc:  # noqa: BLE001 - matplotlib failures are many and none is worth the results
@@ -680,15 +699,6 @@ def _draw_plots(run_dir: Path, report: dict, out: Path) -> list[tuple[str, str]]
 def _renderable(template, prepared) -> bool:
     return not template.needs_titles or prepared.items is not None
 
-
-HEADLINE = {
-    "sequential": ["HR@5", "NDCG@5", "HR@10", "NDCG@10"],
-    "direct": ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"],
-    "ranking": ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "accuracy"],
-    "rating": ["RMSE", "MAE", "RMSE_expected", "MAE_expected", "invalid", "accuracy"],
-    "explanation": ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "distinct-2"],
-    "review": ["BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L", "distinct-2", "RMSE", "MAE", "RMSE_expected"],
-}
 
 # Generated text with fewer distinct bigrams than this (x100, over all of a template's outputs) is degenerate:
 # one sentence for (nearly) every case, or a loop within one. Varied text of a few words per case stays far
@@ -702,8 +712,13 @@ def degenerate_templates(report: dict) -> list[tuple[str, float]]:
             if "distinct-2" in r["metrics"] and r["metrics"]["distinct-2"] < DEGENERATE_DISTINCT2]
 
 
-def results_markdown(report: dict, images: list[tuple[str, str]] = ()) -> str:
-    """The report as Markdown; ``images`` (caption, file name beside the .md) are linked under the title."""
+def results_markdown(report: dict, images: list[tuple[str, str]] = (),
+                     specs: dict[str, FamilySpec] | None = None) -> str:
+    """The report as Markdown; ``images`` (caption, file name beside the .md) are linked under the title. What
+    each family shows comes from its spec (``protocols:`` in its templates.yaml): the headline metric and
+    baselines per protocol, and the metric columns of its table. ``specs``: family -> spec (default: the
+    shipped families)."""
+    specs = shipped_specs() if specs is None else specs
     lines = [f"# Results on the {report['split']} split", ""]
     lines.append(f"Run: `{report['run']}` — model {report['model']['preset']} "
                  f"({report['model']['parameters'] / 1e6:.2f} M parameters), ids `{report['decoding']['id_form']}`.")
@@ -711,7 +726,7 @@ def results_markdown(report: dict, images: list[tuple[str, str]] = ()) -> str:
         lines += ["", f"![{caption}]({name})"]
     lines += ["", "## Headline: mean over templates, seen and unseen, beside the baseline", "",
               "| family | protocol | metric | seen | unseen | baseline |", "|---|---|---|---|---|---|"]
-    for row in report.get("headline") or headline_rows(report):
+    for row in report.get("headline") or headline_rows(report, specs):
         base_cell = f"{_cell(row['baseline_value'])} ({row['baseline']})" if row["baseline"] else "–"
         lines.append(f"| {row['family']} | {row['protocol']} | {row['metric']} | {_cell(row['seen'])} | "
                      f"{_cell(row['unseen'])} | {base_cell} |")
@@ -725,9 +740,10 @@ def results_markdown(report: dict, images: list[tuple[str, str]] = ()) -> str:
     for r in report["templates"].values():
         by_family.setdefault(r["family"], []).append(r)
     for fam, rows in by_family.items():
-        keys = [k for k in HEADLINE.get(fam, []) if any(k in r["metrics"] for r in rows)]
+        shown = specs[fam].metrics if fam in specs else []
+        keys = [k for k in shown if any(k in r["metrics"] for r in rows)]
         base = report["baselines"].get(fam, {})
-        keys += [k for k in sorted({k for b in base.values() for k in b}) if k in HEADLINE.get(fam, []) and k not in keys]
+        keys += [k for k in sorted({k for b in base.values() for k in b}) if k in shown and k not in keys]
         lines += [f"## {fam}", "", "| template | protocol | seen | n | " + " | ".join(keys) + " |",
                   "|---|---|---|---|" + "---|" * len(keys)]
         for r in rows:
@@ -745,18 +761,20 @@ def results_markdown(report: dict, images: list[tuple[str, str]] = ()) -> str:
     return "\n".join(lines)
 
 
-def headline_rows(report: dict) -> list[dict]:
-    """Per family and protocol: the headline metric's mean over seen and unseen templates and the baseline beside
-    it (the first of :data:`BASELINE_FOR` that was scored), with the metric's direction. Saved in results.json as
-    ``headline``: results.md and the model card read it."""
+def headline_rows(report: dict, specs: dict[str, FamilySpec] | None = None) -> list[dict]:
+    """Per family and protocol: the headline metric its spec declares, its mean over seen and unseen templates,
+    and the baseline beside it (the first of the spec's ``baselines`` that was scored), with the metric's
+    direction. Saved in results.json as ``headline``: results.md and the model card read it."""
+    specs = shipped_specs() if specs is None else specs
     rows = []
     for fam, protos in report["families"].items():
         for proto, groups in protos.items():
-            metric = _headline_metric(fam, proto, groups)
+            declared = specs[fam].protocols.get(proto) if fam in specs else None
+            metric = _headline_metric(declared, groups)
             if metric is None:
                 continue
             have = report["baselines"].get(fam, {})
-            base_name = next((b for b in BASELINE_FOR.get((fam, proto), ()) if metric in have.get(b, {})), None)
+            base_name = next((b for b in declared.baselines if metric in have.get(b, {})), None)
             rows.append({"family": fam, "protocol": proto, "metric": metric,
                          "seen": groups.get("seen", {}).get(metric), "unseen": groups.get("unseen", {}).get(metric),
                          "baseline": base_name, "baseline_value": have[base_name][metric] if base_name else None,
@@ -764,12 +782,10 @@ def headline_rows(report: dict) -> list[dict]:
     return rows
 
 
-def _headline_metric(fam: str, proto: str, groups: dict) -> str | None:
+def _headline_metric(declared, groups: dict) -> str | None:
+    """The protocol's declared headline metric, if its templates report it (None: no headline row)."""
     have = set(groups.get("seen", {})) | set(groups.get("unseen", {}))
-    for m in ("NDCG@10", "RMSE", "ROUGE-L", "accuracy"):
-        if m in have:
-            return m
-    return None
+    return declared.headline if declared is not None and declared.headline in have else None
 
 
 def _cell(v) -> str:

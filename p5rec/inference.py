@@ -30,16 +30,8 @@ from p5rec import atomic
 logger = logging.getLogger(__name__)
 
 COLD_START_NAME = "a new customer"
-DEFAULTS = {
-    "recommend": ("2-1", "2-5"),  # (known user, cold-start user)
-    "rank": ("2-7", "2-8"),
-    "rank_direct": ("5-5", "5-6"),
-    "rating": "1-1",
-    "explain": "3-1",
-    "explain_feature": "3-9",
-    "summarize": "4-1",
-    "rate_review": "4-2",
-}
+# The default template of each task method is a role its family declares (``inference:`` in the family's
+# templates.yaml, p5rec.families.ROLES): an id, or one for a known user and one for a new user.
 
 
 class UnknownIdError(KeyError):
@@ -177,9 +169,27 @@ class P5Rec:
                 "(rating and explanation prompts need a known user; recommend/rank accept new users)"
             )
 
-    def _template(self, template_id: str, family: str):
+    def _family_of(self, role: str) -> str | None:
+        """The family whose spec declares ``role`` (its ``inference:``), None if no loaded family does."""
+        return next((f for f in self.templates.families if role in self.templates.family_info(f).inference), None)
+
+    def default_template(self, role: str, known_user: bool = True) -> str:
+        """The template id a task method uses for ``role`` unless told otherwise (for a known or a new user)."""
+        family = self._family_of(role)
+        if family is None:
+            raise ValueError(f"no family of this run declares a default template for {role!r} "
+                             "(`inference:` in its templates.yaml); pass template=")
+        return self.templates.family_info(family).inference[role][0 if known_user else 1]
+
+    def _template(self, template_id: str, role: str):
+        """``template_id``, checked to belong to the family that declares ``role``; recommending and ranking with a
+        history also take a template of the family that ranks without one (``rank_direct``)."""
+        family = self._family_of(role)
+        if family is None:
+            self.default_template(role)  # raises: no family declares the role
+        also = self._family_of("rank_direct") if role in ("recommend", "rank") else None
         t = self.templates.get(template_id)
-        if t.family != family and not (family == "sequential" and t.family == "direct"):
+        if t.family != family and t.family != also:
             raise ValueError(f"template {template_id} belongs to family {t.family!r}, not {family!r}")
         return t
 
@@ -195,26 +205,27 @@ class P5Rec:
 
     # ------------------------------------------------------------------ tasks
     def _recommend_template(self, known_user: bool) -> str:
-        """A trained sequence template when the run has one (the continuation protocol), else DEFAULTS.
+        """A trained sequence template when the run has one (the continuation protocol), else the default.
 
         A user the run does not know cannot be written as a user token: then a template that names no user id
         (or any, when the run renders every user anonymously)."""
-        seq = [t for t in self.templates.by_family("sequential")
+        family = self._family_of("recommend")
+        seq = [t for t in self.templates.by_family(family)
                if t.scoring == "sequence" and (self.trained is None and t.seen or t.id in (self.trained or ()))]
         if seq:
             usable = seq if known_user or self.render_config.anonymous_users else \
-                [t for t in self.templates.by_family("sequential")
+                [t for t in self.templates.by_family(family)
                  if t.scoring == "sequence" and "user" not in t.variables]
             if usable:
                 return usable[0].id
-        return DEFAULTS["recommend"][0 if known_user else 1]
+        return self.default_template("recommend", known_user)
 
     def recommend_batch(self, requests: list[dict], k: int = 10, template: str | None = None,
                         exclude_history: bool = True) -> list[list[Prediction]]:
         """Next items for each ``{"history": [...], "user": ...}``; restricted to the catalogue.
 
         With a ``sequence`` template (the default when the run trained one) the decoder continues the history
-        (the continuation protocol); with a history-in-the-prompt template (2-1 ...) it answers the prompt."""
+        (the continuation protocol); with a history-in-the-prompt template it answers the prompt."""
         from p5rec.decoding import continue_items, rank_items
 
         groups: dict[str, list[int]] = {}
@@ -224,7 +235,7 @@ class P5Rec:
             groups.setdefault(tid, []).append(n)
         out: list[list[Prediction]] = [[] for _ in requests]
         for tid, idx in groups.items():
-            t = self._template(tid, "sequential")
+            t = self._template(tid, "recommend")
             recs = [dict(self._user_fields(requests[i].get("user"), requests[i].get("user_name")),
                          history=list(requests[i].get("history", []))) for i in idx]
             if "user" in t.variables and not self.render_config.anonymous_users and any(not r["user"] for r in recs):
@@ -255,8 +266,8 @@ class P5Rec:
         self._check_items(candidates, "a candidate")
         self._check_items(history or [], "in the history")
         key = "rank" if history else "rank_direct"
-        tid = template or DEFAULTS[key][0 if self.known_user(user) else 1]
-        t = self._template(tid, "sequential" if history else "direct")
+        tid = template or self.default_template(key, self.known_user(user))
+        t = self._template(tid, key)
         rec = dict(self._user_fields(user, user_name), history=list(history or []), candidates=list(candidates))
         ranked = rank_items(self.model, self.tokenizer, self._sources(t, [rec]), [self.trie.subset(candidates)],
                             k=len(candidates), max_source_length=self.max_source_length)[0]
@@ -269,7 +280,7 @@ class P5Rec:
 
         self._need_user(user)
         self._check_items([item])
-        t = self._template(template or DEFAULTS["rating"], "rating")
+        t = self._template(template or self.default_template("rating"), "rating")
         text = generate_text(self.model, self.tokenizer, self._sources(t, [{"user": user, "item": item}]),
                              max_new_tokens=6, max_source_length=self.max_source_length)[0]
         value = parse_rating(text)
@@ -281,35 +292,37 @@ class P5Rec:
 
         self._need_user(user)
         self._check_items([item])
-        tid = template or DEFAULTS["explain_feature" if feature else "explain"]
-        t = self._template(tid, "explanation")
+        tid = template or self.default_template("explain_feature" if feature else "explain")
+        t = self._template(tid, "explain")
         rec = {"user": user, "item": item, "feature": feature or "", "rating": rating}
         if "rating" in t.variables - t.target_variables and rating is None:
             raise ValueError(f"template {tid} shows the star rating: pass rating=")
         return generate_text(self.model, self.tokenizer, self._sources(t, [rec]), max_source_length=self.max_source_length,
                              **_text_decoding(num_beams))[0]
 
-    def _review_source(self, review: str, user: str | None, template: str | None, default: str, cold: str) -> str:
-        """The review prompt; a user the run does not know is named generically through template ``cold``."""
-        t = self._template(template or default, "review")
+    def _review_source(self, review: str, user: str | None, template: str | None, role: str) -> str:
+        """The review prompt; a user the run does not know is named generically through the role's new-user
+        template."""
+        t = self._template(template or self.default_template(role), role)
         rec = dict(self._user_fields(user, None), review=review)
         if "user" in t.variables and not rec["user"]:
-            t = self._template(cold, "review")
+            t = self._template(self.default_template(role, known_user=False), role)
         return self._sources(t, [rec])[0]
 
     def summarize(self, review: str, user: str | None = None, template: str | None = None) -> str:
         from p5rec.decoding import generate_text
 
-        source = self._review_source(review, user, template, DEFAULTS["summarize"], "4-3")
+        source = self._review_source(review, user, template, "summarize")
         return generate_text(self.model, self.tokenizer, [source], max_source_length=self.max_source_length,
                              **_text_decoding())[0]
 
     def rate_review(self, review: str, user: str | None = None, template: str | None = None) -> dict:
-        """Star rating read from a review; a new user goes through 4-4 (the unseen user-name variant)."""
+        """Star rating read from a review; a new user goes through the role's new-user template (the review
+        family's: its unseen user-name variant)."""
         from p5rec.decoding import generate_text
         from p5rec.metrics import parse_rating
 
-        source = self._review_source(review, user, template, DEFAULTS["rate_review"], "4-4")
+        source = self._review_source(review, user, template, "rate_review")
         text = generate_text(self.model, self.tokenizer, [source], max_new_tokens=6,
                              max_source_length=self.max_source_length)[0]
         value = parse_rating(text)

@@ -482,12 +482,11 @@ _REGISTRY: dict[str, MetricSpec] = {}
 METRICS: Mapping[str, MetricSpec] = MappingProxyType(_REGISTRY)
 
 
-def register(spec: MetricSpec, registry: dict[str, MetricSpec] | None = None) -> MetricSpec:
-    """Add ``spec`` to ``registry`` (the module's by default). A duplicate name raises ``ValueError``."""
-    target = _REGISTRY if registry is None else registry
-    if spec.name in target:
+def register(spec: MetricSpec) -> MetricSpec:
+    """Add ``spec`` to the registry (at import). A duplicate name raises ``ValueError``."""
+    if spec.name in _REGISTRY:
         raise ValueError(f"metric {spec.name!r} is already registered")
-    target[spec.name] = spec
+    _REGISTRY[spec.name] = spec
     return spec
 
 

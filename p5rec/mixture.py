@@ -11,17 +11,16 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
 from datasets import Dataset, concatenate_datasets
 
+from p5rec.families import main_families
 from p5rec.tokenizer import build_tokenizer, load_tokenizer, train_sentencepiece
 
 logger = logging.getLogger(__name__)
-
-FAMILIES = ("sequential", "direct", "rating", "explanation", "review")
 
 
 def default_cache_dir() -> Path:
@@ -32,7 +31,7 @@ def default_cache_dir() -> Path:
 class MixtureSpec:
     """What the mixture is made of; every field enters the cache key."""
 
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = field(default_factory=main_families)  # the main job's: `train: true` in the specs
     vocab_size: int = 4000
     max_source_length: int = 128
     max_target_length: int = 32

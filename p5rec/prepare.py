@@ -44,7 +44,7 @@ from p5rec.preprocess import PreprocessError
 
 log = logging.getLogger(__name__)
 
-# family -> directory it reads (design.md §2)
+# prepared table -> its directory (design.md §2): the tables `prepare` writes, which a family's `data:` names
 FAMILY_DIRS = {
     "sequential": "sequential",
     "direct": "direct",

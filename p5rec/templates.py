@@ -16,8 +16,6 @@ Randomness (which template, yes/no negatives, candidate lists, the star asked ab
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import logging
 import gc
 import math
@@ -36,10 +34,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 import numpy as np
 import yaml
 
+from p5rec.families import FamilySpec, parse_spec, tasks_root
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FIELDS",
+    "FamilyInfo",
     "SCORING_KINDS",
     "Problem",
     "RenderConfig",
@@ -287,23 +288,18 @@ def _unsafe_access(ast: jinja2.nodes.Template) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-@dataclass
-class FamilyInfo:
-    family: str
-    data: str  # the prepared family whose table this family reads: prepared.family(data) (design.md §2)
-    schema: dict[str, str]
-    file: str
-    line: int = 1  # of the ``data:`` key (``family:`` when there is none)
+# A family's header (the table it reads, its protocols, defaults): p5rec.families. The old name stays for callers.
+FamilyInfo = FamilySpec
 
 
 def shipped_files(families: Sequence[str] | None = None) -> list[Path]:
     """The shipped ``tasks/<family>/templates.yaml`` files, sorted by family."""
-    root = importlib.resources.files("p5rec.tasks")
+    root = tasks_root()
     out = []
     for d in sorted(root.iterdir(), key=lambda p: p.name):
         f = d / "templates.yaml"
         if f.is_file() and (families is None or d.name in families):
-            out.append(Path(str(f)))
+            out.append(f)
     return out
 
 
@@ -345,8 +341,9 @@ def _parse_file(path: Path, env: jinja2.Environment) -> tuple[FamilyInfo | None,
     for key in schema:
         if key not in FIELDS:
             bad(_key_line(node, "schema"), "", "schema", f"schema field {key!r} is not offered by the renderer; known: {sorted(FIELDS)}")
-    info = FamilyInfo(fam, str(data.get("data") or fam), {k: str(v) for k, v in schema.items()}, fname,
-                      _key_line(node, "data" if "data" in data else "family"))
+    info, spec_problems = parse_spec(data, fname, _key_line(node, "data" if "data" in data else "family"))
+    for msg in spec_problems:  # "<field>: <expected>"; the line is the field's top-level key
+        bad(_key_line(node, msg.split(".", 1)[0].split(":", 1)[0]), "", "family", msg)
 
     lines = _entry_lines(node)
     templates: list[Template] = []
@@ -445,6 +442,12 @@ def _parse_file(path: Path, env: jinja2.Environment) -> tuple[FamilyInfo | None,
                 _target_var=m.group(1) if (m := _BARE_VAR.match(target)) else None,
             )
         )
+    ids = set(seen_ids)
+    for role, pair in info.inference.items():
+        for tid in dict.fromkeys(pair):
+            if tid not in ids:
+                bad(_key_line(node, "inference"), "", "family",
+                    f"inference.{role}: expected a template id of this file, got {tid!r}")
     return info, templates, problems
 
 
@@ -545,6 +548,15 @@ def load_templates(
         if prev is not None and (prev.data != info.data or not set(info.schema) <= set(prev.schema)):
             problems.append(Problem(str(f), 1, "", "schema", f"family {info.family!r} is defined by {prev.file} "
                                     f"(data {prev.data!r}, fields {sorted(prev.schema)}); this file must match"))
+        if prev is not None and info.declared:
+            problems.append(Problem(str(f), 1, "", "family", f"{', '.join(sorted(info.declared))}: family "
+                                    f"{info.family!r} is declared by {prev.file}; this file may only add templates"))
+        if prev is None:
+            for role in info.inference:
+                other = next((i for i in infos.values() if role in i.inference), None)
+                if other is not None:
+                    problems.append(Problem(str(f), 1, "", "family", f"inference.{role}: already declared by "
+                                            f"family {other.family!r} ({other.file}); one family per role"))
         infos.setdefault(info.family, info)
         for t in ts:
             if t.id in where:
@@ -753,13 +765,12 @@ def make_context(family: str, record: Mapping[str, Any], index, config: RenderCo
     return _Renderer(index, config, titles).context(dict(record), fields)
 
 
-@functools.lru_cache(maxsize=None)
 def _shipped_schema(family: str) -> tuple[str, ...]:
     """Field names of a shipped family's schema (files are package data: read once per process)."""
-    for f in shipped_files([family]):
-        data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-        return tuple(data.get("schema") or {})
-    return ()
+    from p5rec.families import shipped_specs
+
+    spec = shipped_specs().get(family)
+    return tuple(spec.schema) if spec else ()
 
 
 def render_records(template: Template, records: Sequence[Mapping[str, Any]], index,

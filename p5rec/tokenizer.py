@@ -144,13 +144,3 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved by :func:`build_tokenizer` (or any local transformers tokenizer)."""
     return AutoTokenizer.from_pretrained(str(path))
 
-
-def check_roundtrip(tokenizer: PreTrainedTokenizerBase, samples: Sequence[str], id_tokens: Sequence[str]) -> None:
-    """Fail loudly if an id token does not encode to exactly one token (a silent split would ruin decoding)."""
-    for tok in list(id_tokens)[:50]:
-        ids = tokenizer(tok, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise RuntimeError(f"id token {tok!r} encodes to {len(ids)} tokens {ids}; expected exactly one")
-    for s in samples[:20]:
-        if tokenizer.unk_token_id in tokenizer(s).input_ids and not ID_TOKEN_RE.search(s):
-            logger.debug("sample contains unknown pieces: %r", s[:80])

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from p5rec import atomic
+from p5rec.families import main_families, main_renders
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +95,12 @@ class DataArguments:
     )
     index: str = field(default="random", metadata={"help": "item id strategy: random, sequential, collaborative"})
     k_core: int = field(default=5, metadata={"help": "iterative k-core filter"})
-    families: str = field(
-        default="sequential,direct,rating,explanation,review", metadata={"help": "comma-separated task families"}
+    families: str = field(  # the main job's families: `train: true` in tasks/<family>/templates.yaml
+        default=",".join(main_families()), metadata={"help": "comma-separated task families"}
     )
-    renders: str = field(
-        default="sequential=6,direct=3,rating=3,explanation=1,review=1",
-        metadata={"help": "prompts rendered per training record, per family"},
+    renders: str = field(  # each main-job family's `renders:`; a family it does not name takes its own
+        default=main_renders(),
+        metadata={"help": "prompts rendered per training record, per family (default: each family's `renders:`)"},
     )
     candidate_template_weight: float = field(
         default=0.3,
@@ -358,7 +359,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
 
     from p5rec import modelcard, plots
     from p5rec.callbacks import LearningCurveCallback
-    from p5rec.evaluation import CURVE_METRIC
+    from p5rec.evaluation import curve_metrics
     from p5rec.mixture import MixtureSpec, build_mixture, id_tokens, row_lengths
     from p5rec.model import build_model, item_token_range, load_pretrained
     from p5rec.trainer import P5Trainer
@@ -409,7 +410,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         seed=targs.seed,
         id_form=margs.id_form,
         max_history=dargs.max_history,
-        renders=dargs.render_counts(),
+        renders=_render_counts(dargs, templates),
         max_review_words=dargs.max_review_words,
         anonymous_users=dargs.anonymous_users,
         max_sequence=dargs.max_sequence,
@@ -494,7 +495,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     metrics["processes"] = targs.world_size
     atomic.write_text(run_dir / "train_results.json", json.dumps(metrics, indent=2))
     logger.info("training done in %.0fs: %s", metrics.get("train_runtime", 0), metrics)
-    _draw(run_dir, "learning curve", lambda: plots.learning_curve_plot(run_dir, CURVE_METRIC))
+    _draw(run_dir, "learning curve", lambda: plots.learning_curve_plot(
+        run_dir, curve_metrics({f: templates.family_info(f) for f in templates.families})))
 
     if not dargs.skip_test:
         from p5rec.evaluation import FULL_RESULTS, EvalConfig, evaluate_run
@@ -543,6 +545,18 @@ def _draw(run_dir: Path, what: str, draw) -> None:
 def _wait_for_everyone(targs) -> None:
     if targs.world_size > 1:
         targs.distributed_state.wait_for_everyone()
+
+
+def _render_counts(dargs: DataArguments, templates) -> dict[str, int]:
+    """``--renders``, with each other family of ``--families`` at its spec's ``renders:``."""
+    counts = dargs.render_counts()
+    unknown = [f for f in dargs.family_list() if f not in templates.families]
+    if unknown:
+        raise ValueError(f"--families: unknown families {unknown}; known: {', '.join(templates.families)} "
+                         "(a new family is a tasks/<family>/templates.yaml, or a file passed with --template_files)")
+    for f in dargs.family_list():
+        counts.setdefault(f, templates.family_info(f).renders)
+    return counts
 
 
 def _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model) -> None:
@@ -634,11 +648,16 @@ def main(argv: list[str] | None = None) -> int:
     _cpu_processes()
     margs, dargs, targs = parse_args(argv)
     from p5rec.run import RunError
+    from p5rec.templates import TemplateError
 
     try:
         run(margs, dargs, targs)
     except RunError as exc:  # a damaged checkpoint or run file: one line naming it, not a traceback
         print(f"train: {exc}", file=sys.stderr)
+        return 2
+    except TemplateError as exc:  # a --template_files file (or its family header) that does not load
+        more = f" (and {len(exc.problems) - 1} more; see `p5rec templates validate`)" if len(exc.problems) > 1 else ""
+        print(f"train: {exc.problems[0]}{more}", file=sys.stderr)
         return 2
     return 0
 

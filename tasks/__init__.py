@@ -1,1 +1,1 @@
-"""Task families: one folder each with templates.yaml (prompts as data) and task.py (scoring)."""
+"""Task families: one folder each, holding templates.yaml (its header declares the family, p5rec/families.py)."""

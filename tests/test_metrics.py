@@ -251,9 +251,5 @@ def test_registry_metadata_and_duplicates():
         M.register(M.MetricSpec("HR", "ranking", True, M.hit_ratio))
     with pytest.raises(TypeError):
         M.METRICS["x"] = M.METRICS["HR"]  # read-only after import
-    local: dict = {}
-    M.register(M.MetricSpec("x", "value", False, M.mrr), local)
-    with pytest.raises(ValueError):
-        M.register(M.MetricSpec("x", "value", False, M.mrr), local)
     with pytest.raises(ValueError):
         M.MetricSpec("y", "bogus", True, M.mrr)

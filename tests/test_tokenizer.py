@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from p5rec.tokenizer import build_tokenizer, check_roundtrip, train_sentencepiece
+from p5rec.tokenizer import build_tokenizer, train_sentencepiece
 
 CORPUS = [
     "great guitar strings, they sound bright and stay in tune",
@@ -26,7 +26,8 @@ def test_id_tokens_are_single_tokens_and_survive_reload(tmp_path):
     vocab = train_sentencepiece(CORPUS, vocab_size=120)
     ids = ["<u17>", "<i5>", "<i9>", "<a3>", "<b12>"]
     tok = build_tokenizer(vocab, ids)
-    check_roundtrip(tok, CORPUS, ids)
+    for t in ids:  # each id encodes to exactly one token (a silent split would ruin decoding)
+        assert len(tok(t, add_special_tokens=False).input_ids) == 1, t
     enc = tok("<u17> bought <i5><i9>", add_special_tokens=False).input_ids
     toks = tok.convert_ids_to_tokens(enc)
     assert toks[0] == "<u17>" and toks[-2:] == ["<i5>", "<i9>"]
