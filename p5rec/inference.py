@@ -165,6 +165,12 @@ class P5Rec:
             run = Run.open(run_dir, device)
         except RunError as exc:
             raise FileNotFoundError(str(exc)) from None
+        return cls.from_run(run)
+
+    @classmethod
+    def from_run(cls, run) -> "P5Rec":
+        """Answer requests with a :class:`p5rec.run.Run` already open (``p5rec serve`` keeps the run for its
+        metadata and the studio's records)."""
         return cls(run.model, run.tokenizer, run.index, run.templates, run.render_config, run.max_source_length,
                    run.trained_templates, run.trie)
 

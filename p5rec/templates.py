@@ -1079,8 +1079,8 @@ def _sample(t: Template, rec: dict, split: str, config: RenderConfig, rng: np.ra
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """``p5rec templates list|preview|validate``."""
+def add_cli(subparsers):
+    """``p5rec templates list|preview|validate``; returns the group's subparsers (``studio`` joins them, cli.py)."""
     p = subparsers.add_parser("templates", help="list, preview and validate prompt templates")
     sub = p.add_subparsers(dest="templates_command", metavar="SUBCOMMAND")
     sub.required = True
@@ -1104,6 +1104,7 @@ def add_cli(subparsers) -> None:
     q = sub.add_parser("validate", help="check template files (default: the shipped ones)")
     q.add_argument("files", nargs="*", help="templates.yaml files")
     q.set_defaults(func=_cmd_validate)
+    return sub
 
 
 def _cmd_list(args) -> int:
