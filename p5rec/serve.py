@@ -278,8 +278,11 @@ def _schemas():
 
 # ---------------------------------------------------------------------------------------------- the app
 def _error(status: int, message: str, field_name: str | None = None):
+    """``{"error": message, "field": field_name}``; a message that does not name its field yet starts with it."""
     from fastapi.responses import JSONResponse
 
+    if field_name and f"'{field_name}'" not in message:
+        message = f"field '{field_name}': {message}"
     return JSONResponse({"error": message, "field": field_name}, status_code=status)
 
 

@@ -258,26 +258,7 @@ def test_corrupt_parquet_names_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ a tiny run
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """test_pipeline's tiny MI run, trained 2 steps with one checkpoint; same data and mixture settings, so the
-    prepared data and the tokenized mixture are shared through the session's cache."""
-    import torch
-    from test_pipeline import TINY
-
-    from p5rec.training import main as train_main
-
-    torch.set_num_threads(2)
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert train_main(TINY + ["--output_dir", str(out), "--max_steps", "2", "--save_steps", "2",
-                              "--eval_strategy", "no", "--skip_test", "true", "--eval_users", "0"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def ids(tiny_run):
-    index = json.loads((tiny_run / "index.json").read_text())
-    return sorted(index["users"]), sorted(index["items"])
+# tiny_run and ids: tests/conftest.py (shared with test_serve.py)
 
 
 def copy_run(run: Path, dest: Path) -> Path:
