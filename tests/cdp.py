@@ -87,7 +87,8 @@ class Browser:
                 if time.monotonic() > end:
                     raise BrowserError("chromium opened no page")
                 time.sleep(0.1)
-            ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout)
+            # entered as a context manager (websockets >= 17.1 warns otherwise); closed by close()
+            ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout).__enter__()
         except BaseException:
             cls._end(process)
             shutil.rmtree(profile, ignore_errors=True)
