@@ -15,7 +15,10 @@ def listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (port 0: any free one), bound here so that a busy port is one clear
     error before the model loads, and a test can ask for a free port without a race."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it a
+    # response written in two parts (headers, body) waits ~40 ms for the client's delayed ACK on a kept-alive
+    # connection (measured: 44 ms for /health instead of 1.4 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
