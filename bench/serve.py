@@ -64,10 +64,13 @@ def in_process(rec, requests: list[dict], batch: int, k: int) -> dict:
             "call_ms_p50": round(percentile(calls, 0.5) * 1000, 2)}
 
 
-async def _post(reader, writer, host: str, path: str, body: bytes) -> tuple[int, bytes]:
-    """One HTTP/1.1 request on a kept-alive connection: (status, body)."""
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+async def _request(reader, writer, host: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a kept-alive connection (POST with a JSON body, GET without): (status, body)."""
+    if body is None:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    else:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -76,17 +79,17 @@ async def _post(reader, writer, host: str, path: str, body: bytes) -> tuple[int,
     return status, await reader.readexactly(length)
 
 
-async def load(host: str, port: int, bodies: list[dict], concurrency: int) -> dict:
+async def load(host: str, port: int, bodies: list[dict | None], concurrency: int, path: str = "/recommend") -> dict:
     """``concurrency`` closed-loop clients, one kept-alive connection each, sending ``bodies`` (shared, in order)
-    to ``POST /recommend``; every answer is checked (status 200, ``k`` items).
+    to ``POST path`` (a None body: ``GET path``); every answer is checked (status 200; for /recommend, ``k`` items).
 
     Plain asyncio HTTP/1.1 rather than httpx: httpx's AsyncClient tops out near 320 requests/s at 64 connections
     on this machine even for ``GET /health``, so it would measure itself, not the server."""
     latencies: list[float] = []
     errors = 0
     sizes: list[int] = []
-    queue = [json.dumps(b).encode() for b in reversed(bodies)]
-    want = [b.get("k", 10) for b in bodies]
+    queue = [None if b is None else json.dumps(b).encode() for b in reversed(bodies)]
+    want = bodies[0].get("k", 10) if bodies and bodies[0] is not None else None
 
     async def client():
         nonlocal errors
@@ -95,12 +98,12 @@ async def load(host: str, port: int, bodies: list[dict], concurrency: int) -> di
             while queue:
                 body = queue.pop()
                 t = time.perf_counter()
-                status, answer = await _post(reader, writer, host, "/recommend", body)
+                status, answer = await _request(reader, writer, host, path, body)
                 latencies.append(time.perf_counter() - t)
                 result = json.loads(answer)
-                if status != 200 or len(result.get("items", ())) != want[0]:
+                if status != 200 or (want is not None and len(result.get("items", ())) != want):
                     errors += 1
-                else:
+                elif "batch_size" in result:
                     sizes.append(result["batch_size"])
         finally:
             writer.close()
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3, help="measure every level this many times (median kept)")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Each level right after recommend_batch at the same batch size (the server idle meanwhile): on a shared
         # machine the two are compared under the same load.
-        for c in levels:
+        for c in [c for _ in range(args.repeat) for c in levels]:
             row = {**in_process(rec, measured, c, args.k), "load_average": round(os.getloadavg()[0], 2)}
             report["recommend_batch"].append(row)
             print("recommend_batch", row, flush=True)
@@ -201,22 +205,40 @@ def main(argv: list[str] | None = None) -> int:
                        load_average_before=round(load_before, 2), load_average_after=round(os.getloadavg()[0], 2))
             report["serve"].append(row)
             print("serve", row, flush=True)
+        # The floor: GET /health (no model, a small JSON answer) at the highest level, what HTTP alone costs here.
+        c = max(levels)
+        asyncio.run(load("127.0.0.1", port, [None] * (2 * c), c, "/health"))
+        report["http_floor"] = {**asyncio.run(load("127.0.0.1", port, [None] * args.requests, c, "/health")),
+                                "what": f"GET /health, {c} clients: HTTP and JSON without the model",
+                                "load_average": round(os.getloadavg()[0], 2)}
+        print("floor", report["http_floor"], flush=True)
     finally:
         server.terminate()
         try:
             server.wait(20)
         except subprocess.TimeoutExpired:
             server.kill()
-    by_c = {r["concurrency"]: r for r in report["serve"]}
-    by_b = {r["batch"]: r for r in report["recommend_batch"]}
-    if 1 in by_c and 64 in by_c:
-        report["speedup_64_vs_1"] = round(by_c[64]["requests_per_s"] / by_c[1]["requests_per_s"], 2)
+    # the median of the repeats, level by level (the machine is shared: single runs vary by up to 2x)
+    med = lambda rows, key: round(statistics.median(r[key] for r in rows), 2)  # noqa: E731
+    summary = {}
+    for c in levels:
+        served = [r for r in report["serve"] if r["concurrency"] == c]
+        direct = [r for r in report["recommend_batch"] if r["batch"] == c]
+        summary[str(c)] = {"serve_requests_per_s": med(served, "requests_per_s"),
+                           "serve_latency_ms_p50": med(served, "latency_ms_p50"),
+                           "serve_latency_ms_p99": med(served, "latency_ms_p99"),
+                           "server_mean_batch_size": med(served, "server_mean_batch_size"),
+                           "recommend_batch_requests_per_s": med(direct, "requests_per_s"),
+                           "errors": sum(r["errors"] for r in served)}
+        summary[str(c)]["serve_vs_recommend_batch"] = round(
+            summary[str(c)]["serve_requests_per_s"] / summary[str(c)]["recommend_batch_requests_per_s"], 2)
+    report["summary"] = summary
+    if "1" in summary and "64" in summary:
+        report["speedup_64_vs_1"] = round(summary["64"]["serve_requests_per_s"] / summary["1"]["serve_requests_per_s"], 2)
         report["bar_3x_met"] = report["speedup_64_vs_1"] >= 3
-    report["serve_vs_recommend_batch"] = {str(c): round(by_c[c]["requests_per_s"] / by_b[c]["requests_per_s"], 2)
-                                          for c in by_c if c in by_b}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k not in ("recommend_batch", "serve")}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("recommend_batch", "serve", "machine")}, indent=2))
     return 0
 
 

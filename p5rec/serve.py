@@ -19,7 +19,8 @@ and its ids by :meth:`~p5rec.inference.P5Rec.check_ids` before it is queued; a b
 JSON object) or 422 (a field: missing, wrong type, bad value, unknown id) with ``{"error": ..., "field": ...}``.
 
 Batching: every checked request goes into one queue. One worker takes the first request waiting, waits at most
-``window_ms`` for more (up to ``max_batch``), and answers them with one :meth:`~p5rec.inference.P5Rec.answer_batch`
+``window_ms`` for more (up to ``max_batch``; the wait is skipped while only one request at a time has been in
+flight, so a lone client pays no window), and answers them with one :meth:`~p5rec.inference.P5Rec.answer_batch`
 call in a thread, so the event loop keeps accepting requests meanwhile; requests that arrive while a batch decodes
 form the next one. The model is loaded once and only this worker calls it, so decoding never runs twice at once.
 A request the batch call refuses gets its own 422; anything else that goes wrong in a batch is a 500 for that
@@ -96,6 +97,8 @@ class Batcher:
             raise ValueError("max_batch must be at least 1 and window_ms at least 0")
         self.answer_batch, self.max_batch, self.window = answer_batch, max_batch, window_ms / 1000
         self.stats = BatchStats()
+        self._in_flight = 0  # submitted requests not answered yet (queued or decoding)
+        self._peak = 0  # most in flight at once since the last batch started
         self._pending: deque[_Job] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -122,8 +125,13 @@ class Batcher:
             raise RuntimeError("the batch worker is not running")
         job = _Job(request, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._pending.append(job)
+        self._in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
         self._arrived.set()
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            self._in_flight -= 1
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -131,8 +139,11 @@ class Batcher:
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            # The collection window: a lone request waits at most `window` for company.
-            deadline = loop.time() + self.window
+            # The collection window: wait at most `window` for company, but only while clients are concurrent (more
+            # than one request was in flight at once since the last batch started): a lone client, whose next
+            # request comes only after this answer, would wait for nobody.
+            deadline = loop.time() + (self.window if self._peak > 1 else 0.0)
+            self._peak = self._in_flight
             while len(self._pending) < self.max_batch:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -367,7 +378,7 @@ def create_app(rec, info: dict | None = None, *, max_batch: int = 64, window_ms:
     @app.get("/health", tags=["server"], summary="Liveness, uptime and batching statistics.")
     async def health():
         return {"status": "ok", "uptime_s": round(time.time() - started, 1), "max_batch": batcher.max_batch,
-                "window_ms": batcher.window * 1000, "queued": len(batcher._pending),
+                "window_ms": batcher.window * 1000, "queued": len(batcher._pending), "in_flight": batcher._in_flight,
                 "batching": batcher.stats.as_dict()}
 
     @app.get("/run", tags=["server"], summary="The run: dataset, fingerprint, families, test metrics.")
@@ -399,7 +410,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--port", type=int_at_least(0), default=8000, help="port (0: any free port; default 8000)")
     p.add_argument("--max-batch", type=int_at_least(1), default=64, help="most requests decoded in one batch")
     p.add_argument("--window-ms", type=float, default=5.0,
-                   help="how long a request waits for others to batch with (default 5 ms)")
+                   help="how long a request waits for others to batch with, when clients are concurrent (default 5 ms)")
     p.add_argument("--max-k", type=int_at_least(1), default=100, help="largest k a request may ask for")
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's, or OMP_NUM_THREADS)")
     p.add_argument("--dataset", type=Path, help="prepared dataset for the studio's records (default: the run's)")

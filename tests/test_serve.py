@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from pathlib import Path
+import time
 
 import pytest
 
@@ -240,6 +240,29 @@ def test_a_failing_batch_does_not_stop_the_worker():
     assert [a["echo"] for a, _ in second] == list(range(6))
     assert max(size for _, size in second) == 4  # max_batch
     assert stats.failed_batches == 1 and stats.requests == 9
+
+
+def test_a_lone_client_does_not_wait_for_the_window():
+    """One request at a time: no company is coming, so the (here very long) window is skipped; concurrent requests
+    still wait for each other."""
+    from p5rec.serve import Batcher
+
+    async def main():
+        batcher = Batcher(lambda requests: [{"ok": True} for _ in requests], max_batch=8, window_ms=2000)
+        await batcher.start()
+        try:
+            t0 = time.perf_counter()
+            for n in range(3):
+                await batcher.submit({"task": "rating", "n": n})
+            lone = time.perf_counter() - t0
+            together = await asyncio.gather(*[batcher.submit({"task": "rating", "n": n}) for n in range(5)])
+        finally:
+            await batcher.stop()
+        return lone, together
+
+    lone, together = asyncio.run(main())
+    assert lone < 1.5, lone  # three windows would be 6 s
+    assert [size for _, size in together] == [5] * 5
 
 
 # ------------------------------------------------------------------------------------------ the command
