@@ -50,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
 
-    import tempfile
-
     from p5rec.httpserver import ServerThread
     from p5rec.inference import P5Rec
     from p5rec.run import Run
@@ -59,25 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     from p5rec.studio import Studio
 
     run = Run.open(args.run, "cpu")
-    with tempfile.TemporaryDirectory() as save_dir:
-        app = create_app(P5Rec.from_run(run), run_info(run), studio=Studio.for_run(run, save_dir=save_dir))
-        with ServerThread(app) as server, Browser.launch(width=1440, height=900) as browser:
-            browser.navigate(f"{server.url}/studio/")
-            browser.evaluate("waitFor(() => document.querySelector('#template-list [data-id]'))")
-            browser.evaluate(f"""(async () => {{
-                document.querySelector('#template-list [data-id="{args.template}"]').click();
-                await waitFor(() => document.querySelectorAll('#rows[data-template="{args.template}"] tr.row').length,
-                              20000, 'rows');
-                return true; }})()""")
-            browser.screenshot(args.out / "studio.png")
-            browser.evaluate(f"""(async () => {{
-                document.getElementById('tab-write').click();
-                const ed = document.getElementById('editor');
-                ed.value = {json.dumps(BROKEN)};
-                ed.dispatchEvent(new Event('input'));
-                await waitFor(() => document.querySelector('#problems li'), 20000, 'a problem');
-                return true; }})()""")
-            browser.screenshot(args.out / "studio-write.png")
+    # save_dir "." as `p5rec serve` has by default, so messages name "my_templates.yaml"; nothing is saved here
+    app = create_app(P5Rec.from_run(run), run_info(run), studio=Studio.for_run(run, save_dir="."))
+    with ServerThread(app) as server, Browser.launch(width=1440, height=900) as browser:
+        browser.navigate(f"{server.url}/studio/")
+        browser.evaluate("waitFor(() => document.querySelector('#template-list [data-id]'))")
+        browser.evaluate(f"""(async () => {{
+            document.querySelector('#template-list [data-id="{args.template}"]').click();
+            await waitFor(() => document.querySelectorAll('#rows[data-template="{args.template}"] tr.row').length,
+                          20000, 'rows');
+            return true; }})()""")
+        browser.screenshot(args.out / "studio.png")
+        browser.evaluate(f"""(async () => {{
+            document.getElementById('tab-write').click();
+            const ed = document.getElementById('editor');
+            ed.value = {json.dumps(BROKEN)};
+            ed.dispatchEvent(new Event('input'));
+            await waitFor(() => document.querySelector('#problems li'), 20000, 'a problem');
+            return true; }})()""")
+        browser.screenshot(args.out / "studio-write.png")
     print(f"wrote {args.out / 'studio.png'} and {args.out / 'studio-write.png'}")
     return 0
 

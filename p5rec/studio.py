@@ -187,8 +187,8 @@ class Studio:
                            tables=sorted(self.prepared.manifest.get("families", {})),
                            titles=bool(self.mapper and self.mapper.titles))
         return {"families": families, "dataset": dataset, "run": self.run_label, "splits": list(SPLITS),
-                "save_dir": str(self.save_dir), "id_form": self.config.id_form, "fields": {k: v[0] for k, v in
-                                                                                         FIELDS.items()}}
+                "save_dir": str(self.save_dir.resolve()), "id_form": self.config.id_form,
+                "fields": {name: description for name, (description, _) in FIELDS.items()}}
 
     def render(self, template_id: str, split: str = "test", n: int = 5, templates: TemplateSet | None = None) -> dict:
         """Up to ``n`` rows of a template on the first records of ``split``, ids mapped back to raw ids."""

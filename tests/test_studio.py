@@ -73,7 +73,7 @@ def test_catalog_lists_families_and_templates(studio):
     assert two_one["seen"] is True and two_one["scoring"] == "generation" and "history" in two_one["fields"]
     assert any(not t["seen"] for t in families["sequential"]["templates"])
     assert catalog["dataset"]["synthetic"] is False and catalog["dataset"]["items"] > 0
-    assert catalog["save_dir"] == str(save_dir)
+    assert catalog["save_dir"] == str(save_dir.resolve())
 
 
 def test_render_maps_ids_back_to_raw_ids(studio, ids):
