@@ -24,6 +24,9 @@ OUT = ROOT / "bench" / "results"
 CONFIGS = {
     "main": [],
     "long": ["--max_steps", "3600", "--eval_steps", "900", "--save_steps", "1800"],
+    # id-token rows of the embedding learn faster (users and items; word rows as they were)
+    "id-lr8": ["--id_embedding_lr_multiplier", "8"],
+    "id-recipe": ["--id_embedding_init_std", "0.1", "--id_embedding_lr_multiplier", "8"],
 }
 # (family, protocol, metrics shown, baseline family, baseline names)
 ROWS = [

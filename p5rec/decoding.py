@@ -475,13 +475,25 @@ def generate_text(
     batch_size: int = 32,
     max_source_length: int = 256,
     desc: str | None = None,
+    no_repeat_ngram_size: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
-    """Greedy (or beam) decoding of free text, one string per prompt."""
+    """Greedy (or beam) decoding of free text, one string per prompt.
+
+    ``no_repeat_ngram_size`` (n > 0: no n-gram of output tokens twice) and ``repetition_penalty`` (CTRL's
+    division of a seen token's logit) are ``generate``'s own; they stop the loops a small model falls into
+    ("it't, but it't, but it't").
+    """
     model.eval()
     results = [""] * len(sources)
+    extra = {}
+    if no_repeat_ngram_size:
+        extra["no_repeat_ngram_size"] = int(no_repeat_ngram_size)
+    if repetition_penalty != 1.0:
+        extra["repetition_penalty"] = float(repetition_penalty)
     for idx, texts in _batches(sources, batch_size, desc):
         enc = _encode(tokenizer, texts, max_source_length, model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **extra)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             results[i] = text.strip()
     return results

@@ -50,6 +50,8 @@ class EvalConfig:
     batch_size: int = 64
     num_beams: int = 20
     text_beams: int = 1
+    text_no_repeat_ngram: int = 0  # generate()'s no_repeat_ngram_size for text (0: off)
+    text_repetition_penalty: float = 1.0
     max_new_tokens: int = 32
     max_source_length: int | None = None  # None: the run's own (run_config.json data.max_source_length)
     exclude_history: bool = False
@@ -311,7 +313,8 @@ def _generate(ctx: Context, t):
     rendered = _render(t, records, ctx.prepared, ctx.render_config)
     sources, golds = [s for s, _ in rendered], [g for _, g in rendered]
     outputs = decoding.generate_text(ctx.model, ctx.tokenizer, sources, max_new_tokens=ctx.cfg.max_new_tokens,
-                                     num_beams=ctx.cfg.text_beams, **ctx.common)
+                                     num_beams=ctx.cfg.text_beams, no_repeat_ngram_size=ctx.cfg.text_no_repeat_ngram,
+                                     repetition_penalty=ctx.cfg.text_repetition_penalty, **ctx.common)
     examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
     return sources, golds, outputs, examples
 
@@ -582,6 +585,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "split": cfg.split,
         "eval_config": asdict(cfg),
         "decoding": {"num_beams": cfg.num_beams, "text_beams": cfg.text_beams, "max_new_tokens": cfg.max_new_tokens,
+                     "text_no_repeat_ngram": cfg.text_no_repeat_ngram,
+                     "text_repetition_penalty": cfg.text_repetition_penalty,
                      "id_form": id_form, "restricted": "prefix trie over the catalogue / saved candidates"},
         "manifest_fingerprint": prepared.manifest.get("fingerprint"),
         "manifest_sha256": hashlib.sha256((Path(prepared.path) / "manifest.json").read_bytes()).hexdigest(),
@@ -690,6 +695,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--beams", type=int_at_least(1), default=20, help="beam width for restricted item generation")
     p.add_argument("--text-beams", type=int_at_least(1), default=1,
                    help="beam width for text generation (1: greedy)")
+    p.add_argument("--text-no-repeat-ngram", type=int_at_least(0), default=EvalConfig.text_no_repeat_ngram,
+                   help="no n-gram twice in generated text (0: off)")
+    p.add_argument("--text-repetition-penalty", type=float, default=EvalConfig.text_repetition_penalty,
+                   help="CTRL repetition penalty for generated text (1.0: off)")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-sasrec", action="store_true", help="skip training SASRec as the sequential baseline")
@@ -704,6 +713,8 @@ def _cli(args) -> int:
         batch_size=args.batch_size,
         num_beams=args.beams,
         text_beams=args.text_beams,
+        text_no_repeat_ngram=args.text_no_repeat_ngram,
+        text_repetition_penalty=args.text_repetition_penalty,
         exclude_history=args.exclude_history,
         baselines=not args.no_baselines,
         sasrec=not args.no_sasrec,

@@ -431,13 +431,24 @@ def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     return {"ROUGE-1": float(mean[0]), "ROUGE-2": float(mean[1]), "ROUGE-L": float(mean[2])}
 
 
+def distinct_n(preds: Sequence[str], n: int = 2) -> float:
+    """distinct-n (Li et al. 2016) x100: distinct n-grams over all n-grams of all outputs, ROUGE's tokenisation.
+
+    Degenerate text shows here where ROUGE hides it: one sentence repeated for every case, or "it't, but
+    it't, but it't" within one, gives few distinct n-grams. No n-gram at all (every output empty) gives 0.
+    """
+    grams = [tuple(toks[i:i + n]) for toks in map(rouge_tokenize, preds) for i in range(len(toks) - n + 1)]
+    return 100.0 * len(set(grams)) / len(grams) if grams else 0.0
+
+
 def text_metrics(preds: Sequence[str], refs: Sequence[str], bleu_orders: Sequence[int] = (4,)) -> dict[str, float]:
-    """``BLEU-n`` for each n in ``bleu_orders`` plus ``ROUGE-1/2/L`` (all x100).
+    """``BLEU-n`` for each n in ``bleu_orders``, ``ROUGE-1/2/L`` and ``distinct-1/2`` of the outputs (all x100).
 
     P5 reports BLEU-4 for explanation generation and BLEU-2 for review summarisation (``bleu_orders=(2,)``).
     """
     out = {f"BLEU-{n}": bleu(preds, refs, max_order=n) for n in bleu_orders}
     out.update(rouge(preds, refs))
+    out.update({f"distinct-{n}": distinct_n(preds, n) for n in (1, 2)})
     return out
 
 
@@ -504,6 +515,7 @@ register(MetricSpec("RMSE", "value", False, _rmse, ("preds", "targets"), "root m
 register(MetricSpec("MAE", "value", False, _mae, ("preds", "targets"), "mean absolute rating error"))
 register(MetricSpec("accuracy", "accuracy", True, accuracy, ("preds", "golds"), "normalised exact match"))
 register(MetricSpec("BLEU", "text", True, bleu, ("preds", "refs", "max_order"), "corpus BLEU-n x100 (P5)"))
+register(MetricSpec("distinct", "text", True, distinct_n, ("preds", "n"), "distinct n-grams / all n-grams x100"))
 for _key in ("ROUGE-1", "ROUGE-2", "ROUGE-L"):
     register(MetricSpec(_key, "text", True, _rouge_part(_key), ("preds", "refs"), f"{_key} F x100"))
 del _key

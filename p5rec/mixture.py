@@ -145,6 +145,7 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
             "spec": asdict(spec),
             "templates_module": _file_hash(tmod.__file__),
             "mixture_module": _file_hash(__file__),
+            "tokenizer_module": _file_hash(Path(__file__).with_name("tokenizer.py")),
         }
     )
     cache = (cache_dir or default_cache_dir()) / "mixtures" / key

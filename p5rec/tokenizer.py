@@ -39,6 +39,11 @@ def train_sentencepiece(
     Ids 0/1/2 are pad/eos/unk, as T5 expects. ``hard_vocab_limit=False`` lets a small corpus yield a smaller
     vocabulary instead of failing. Deterministic for the same lines (single thread, fixed seed, no sampling
     of the input beyond ``max_sentences`` taken in order).
+
+    A corpus whose distinct words all fit in ``vocab_size`` (prompts over ids without review text: 61 words on
+    Beauty) gets a vocabulary of its words instead (:func:`word_vocabulary`): on such corpora the unigram
+    trainer keeps a few dozen pieces and spells common words in fragments ("interacted" as ``▁in te r a c
+    te d``; "a" and "user" unknown), which doubles the length of every prompt.
     """
     import sentencepiece as spm
 
@@ -51,6 +56,9 @@ def train_sentencepiece(
             break
     if not corpus:
         raise ValueError("cannot train a tokenizer: the corpus holds no text")
+    closed = word_vocabulary(corpus, vocab_size)
+    if closed is not None:
+        return closed
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -71,6 +79,36 @@ def train_sentencepiece(
     )
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+
+
+def word_vocabulary(corpus: Sequence[str], vocab_size: int) -> list[tuple[str, float]] | None:
+    """A unigram vocabulary of whole words for a corpus of few distinct words, or None if they do not fit.
+
+    Pieces: pad/eos/unk, then every word (``▁word``, scored by its log frequency), then every character
+    alone and after ``▁`` (scored far below any word), so a word of the corpus is always one piece and an unseen
+    word is spelt in characters (unknown only where a character is). The ten digits are always pieces and stay
+    single, as ``split_digits`` makes them in the trained model: a word with digits (``item_1234``) contributes
+    its non-digit runs (``▁item_``), never the number.
+    """
+    import math
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for line in corpus:
+        for word in line.split():
+            parts = re.split(r"\d+", word)
+            counts.update(("\u2581" if i == 0 else "") + part for i, part in enumerate(parts) if part)
+    chars = sorted({ch for line in corpus for ch in line if not ch.isspace()} | set("0123456789"))
+    pieces = [p for p in counts if len(p) > 1 or p not in chars]
+    if 3 + len(pieces) + 2 * len(chars) + 1 > vocab_size:
+        return None
+    total = sum(counts.values())
+    floor = math.log(1.0 / total) - 20.0
+    vocab = [(PAD, 0.0), (EOS, 0.0), (UNK, 0.0)]
+    vocab += [(p, math.log(counts[p] / total)) for p in sorted(pieces, key=lambda p: (-counts[p], p))]
+    vocab += [("\u2581", floor)] + [(c, floor) for c in chars]
+    vocab += [("\u2581" + c, floor) for c in chars if "\u2581" + c not in counts]
+    return vocab
 
 
 def build_tokenizer(

@@ -44,8 +44,11 @@ class P5Trainer(Seq2SeqTrainer):
     varies (and it reads the dataset row by row to do so).
     """
 
-    def __init__(self, *args, embedding_lr_multiplier: float = 1.0, train_lengths=None, **kwargs):
+    def __init__(self, *args, embedding_lr_multiplier: float = 1.0, id_rows=None, id_lr_multiplier: float = 1.0,
+                 train_lengths=None, **kwargs):
         self.embedding_lr_multiplier = float(embedding_lr_multiplier)
+        self.id_rows = None if not id_rows else torch.as_tensor(sorted(id_rows), dtype=torch.long)
+        self.id_lr_multiplier = float(id_lr_multiplier)
         self.train_lengths = None if train_lengths is None else list(train_lengths)
         super().__init__(*args, **kwargs)
 
@@ -57,9 +60,14 @@ class P5Trainer(Seq2SeqTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.embedding_lr_multiplier == 1.0 or getattr(optimizer, "_p5rec_grouped", False):
+        if getattr(optimizer, "_p5rec_grouped", False):
             return optimizer
         shared = (model or self.model).get_input_embeddings().weight
+        if self.id_rows is not None and self.id_lr_multiplier != 1.0:
+            scale_row_steps(optimizer, shared, self.id_rows.to(shared.device), self.id_lr_multiplier)
+        if self.embedding_lr_multiplier == 1.0:
+            optimizer._p5rec_grouped = True
+            return optimizer
         for group in optimizer.param_groups:
             if any(p is shared for p in group["params"]):
                 group["params"] = [p for p in group["params"] if p is not shared]
@@ -69,3 +77,25 @@ class P5Trainer(Seq2SeqTrainer):
                 break
         optimizer._p5rec_grouped = True
         return optimizer
+
+
+def scale_row_steps(optimizer, weight: torch.nn.Parameter, rows: torch.Tensor, multiplier: float) -> None:
+    """Make every optimizer step move ``weight[rows]`` ``multiplier`` times as far as the optimizer moved it.
+
+    For Adam(W) that is the same as a learning rate ``multiplier`` times larger for those rows alone (its
+    update is linear in the learning rate, weight decay included); a parameter group cannot hold part of a
+    tensor, so the step is rescaled around it: the rows are read before the step and their change scaled
+    after. The moments are the optimizer's own, so a resumed run continues exactly.
+    """
+    before = {}
+
+    def pre(opt, args, kwargs):
+        before["rows"] = weight.detach()[rows].clone()
+
+    def post(opt, args, kwargs):
+        old = before.pop("rows")
+        with torch.no_grad():
+            weight[rows] = old + multiplier * (weight[rows] - old)
+
+    optimizer.register_step_pre_hook(pre)
+    optimizer.register_step_post_hook(post)

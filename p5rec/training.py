@@ -49,6 +49,17 @@ class ModelArguments:
                   "by d_model^-0.5 and not the input, so under Adam an embedding moves sqrt(d_model) times slower "
                   "relative to its size than in SASRec; sqrt(d_model) restores SASRec's dynamics"},
     )
+    id_embedding_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "learning rate of the id-token rows (users, items) of the shared embedding relative to "
+                  "the rest (on top of --embedding_lr_multiplier). Word rows keep theirs: an id row is trained "
+                  "only by the prompts that name it, and at T5's scale it barely leaves its random start in the "
+                  "main job's budget (bench/README.md)"},
+    )
+    id_embedding_init_std: Optional[float] = field(
+        default=None,
+        metadata={"help": "std of the id-token rows at initialisation (default: as the rest of the embedding)"},
+    )
     item_softmax: bool = field(
         default=False,
         metadata={"help": "where the label is an item token, softmax over item tokens only (token id form)"},
@@ -65,6 +76,10 @@ class ModelArguments:
             raise ValueError(f"--preset {self.preset!r}: choose one of {sorted(PRESETS)}")
         if self.id_form not in ("token", "text"):
             raise ValueError(f"--id_form {self.id_form!r}: choose token or text")
+        if self.id_form != "token" and (self.id_embedding_lr_multiplier != 1.0 or self.id_embedding_init_std):
+            raise ValueError("--id_embedding_lr_multiplier and --id_embedding_init_std need id tokens (--id_form token)")
+        if self.id_embedding_lr_multiplier <= 0 or self.embedding_lr_multiplier <= 0:
+            raise ValueError("--embedding_lr_multiplier and --id_embedding_lr_multiplier must be positive")
 
 
 @dataclass
@@ -331,6 +346,7 @@ def clear_run_files(run_dir: Path) -> list[Path]:
 
 def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     """The whole job; returns the run directory."""
+    import torch
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     from p5rec.callbacks import LearningCurveCallback
@@ -389,12 +405,17 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     logger.info("mixture: %d train rows, %d valid rows (%.1fs)", len(train), len(valid), mix_info["seconds"])
 
     set_seed(targs.seed)  # the model's initial weights depend only on the seed
+    ids = id_tokens(prepared.index, margs.id_form, users=not dargs.anonymous_users)
     if margs.model_name_or_path:
-        ids = id_tokens(prepared.index, margs.id_form, users=not dargs.anonymous_users)
         model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, ids)
     else:
         model = build_model(margs.preset, tokenizer, margs.dropout_rate, margs.embedding_init_std,
                             **margs.shape_overrides())
+    id_rows = sorted(set(tokenizer.convert_tokens_to_ids(ids))) if ids else []
+    if margs.id_embedding_init_std is not None and id_rows and not targs.resume_from_checkpoint:
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[id_rows] = torch.randn(len(id_rows), weight.shape[1]) * margs.id_embedding_init_std
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
         if span is None:
@@ -420,6 +441,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     )
     trainer = P5Trainer(
         embedding_lr_multiplier=margs.embedding_lr_multiplier,
+        id_rows=id_rows if margs.id_embedding_lr_multiplier != 1.0 else None,
+        id_lr_multiplier=margs.id_embedding_lr_multiplier,
         train_lengths=row_lengths(train),
         model=model,
         args=targs,

@@ -215,10 +215,23 @@ def test_lcs_bit_parallel_matches_dp():
 
 
 def test_text_metrics_keys():
-    assert set(M.text_metrics(HYPS, REFS)) == {"BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"}
+    distinct = {"distinct-1", "distinct-2"}
+    assert set(M.text_metrics(HYPS, REFS)) == {"BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"} | distinct
     out = M.text_metrics(HYPS, REFS, bleu_orders=(2,))
-    assert set(out) == {"BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L"}
+    assert set(out) == {"BLEU-2", "ROUGE-1", "ROUGE-2", "ROUGE-L"} | distinct
     assert out["BLEU-2"] == pytest.approx(M.bleu(HYPS, REFS, 2))
+
+
+def test_distinct_n_counts_distinct_ngrams_over_all_outputs():
+    # "a b a b": bigrams ab, ba, ab; "a b c": ab, bc -> 3 distinct of 5
+    assert M.distinct_n(["a b a b", "A, b c!"], 2) == pytest.approx(100 * 3 / 5)
+    assert M.distinct_n(["a b a b", "a b c"], 1) == pytest.approx(100 * 3 / 7)
+    # one sentence for every case, or a loop within one: the degenerate outputs a small model falls into
+    same = ["it is great for the price"] * 50
+    assert M.distinct_n(same, 2) == pytest.approx(100 * 5 / 250)
+    assert M.distinct_n(["but it is, " * 10], 2) < 15
+    assert M.distinct_n(["", ""], 2) == 0.0
+    assert M.lookup("distinct-2").higher_is_better
 
 
 # --------------------------------------------------------------------------------------------- registry

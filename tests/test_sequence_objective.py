@@ -210,6 +210,42 @@ def test_embedding_gets_its_own_learning_rate(tmp_path):
     assert all(g["lr"] == pytest.approx(1e-3) for g in opt.param_groups if g is not groups[0])
 
 
+@pytest.mark.parametrize("multiplier", [4.0, 0.5])
+def test_id_rows_step_like_a_larger_learning_rate_of_their_own(multiplier):
+    """scale_row_steps on AdamW (weight decay on) gives the same trajectory as the rows in a parameter group
+    with ``multiplier`` times the learning rate, over steps whose gradients depend on the weights."""
+    from p5rec.trainer import scale_row_steps
+
+    torch.manual_seed(0)
+    init, target = torch.randn(10, 4), torch.randn(10, 4)
+    rows = torch.tensor([2, 5, 7])
+    rest = torch.tensor([i for i in range(10) if i not in (2, 5, 7)])
+
+    w = torch.nn.Parameter(init.clone())
+    opt = torch.optim.AdamW([w], lr=0.05, weight_decay=0.1)
+    scale_row_steps(opt, w, rows, multiplier)
+    a, b = torch.nn.Parameter(init[rows].clone()), torch.nn.Parameter(init[rest].clone())
+    ref = torch.optim.AdamW([{"params": [a], "lr": 0.05 * multiplier}, {"params": [b]}], lr=0.05, weight_decay=0.1)
+    for _ in range(5):
+        for o, loss in ((opt, ((w - target) ** 3).abs().sum()),
+                        (ref, ((a - target[rows]) ** 3).abs().sum() + ((b - target[rest]) ** 3).abs().sum())):
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    assert torch.allclose(w.detach()[rows], a.detach(), atol=1e-6)
+    assert torch.allclose(w.detach()[rest], b.detach(), atol=1e-6)
+    assert not torch.allclose(w.detach()[rows], init[rows])
+
+
+def test_id_rows_flags_need_id_tokens():
+    from p5rec.training import ModelArguments
+
+    with pytest.raises(ValueError, match="id_form token"):
+        ModelArguments(id_form="text", id_embedding_lr_multiplier=8.0)
+    with pytest.raises(ValueError, match="positive"):
+        ModelArguments(id_embedding_lr_multiplier=0.0)
+
+
 def test_sequence_rows_default_on_only_when_a_sequence_template_is_named():
     from p5rec.training import DataArguments
 

@@ -65,3 +65,32 @@ def test_mixture_tokenize_cuts_long_rows_like_the_tokenizer_and_says_so(caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert any("1 of 2 sources were longer than 16 tokens" in m for m in msgs)
     assert any("1 of 2 targets were longer than 8 tokens" in m for m in msgs)
+
+
+def test_a_corpus_of_few_words_keeps_every_word_whole():
+    # prompts over ids without review text (Beauty's): the unigram trainer kept ~40 pieces here and spelt
+    # "interacted" as fragments, "a" and "user" as unknown pieces
+    prompts = ["List the items a user interacted with, oldest first. <i12><i7>",
+               "What has <u3> bought so far, in order? <i5>",
+               "Given the purchase history <i1><i2>, predict the next item."] * 2000
+    vocab = train_sentencepiece(prompts, vocab_size=4000)
+    tok = build_tokenizer(vocab, ["<u3>", "<i1>", "<i2>", "<i5>", "<i7>", "<i12>"])
+    pieces = tok.convert_ids_to_tokens(tok(prompts[0], add_special_tokens=False).input_ids)
+    assert pieces == ["\u2581" + w for w in "List the items a user interacted with, oldest first.".split()] + [
+        "<i12>", "<i7>"]
+    pieces = tok.convert_ids_to_tokens(tok(prompts[2], add_special_tokens=False).input_ids)
+    assert pieces == ["\u2581Given", "\u2581the", "\u2581purchase", "\u2581history", "<i1>", "<i2>", "\u2581,",
+                      "\u2581predict", "\u2581the", "\u2581next", "\u2581item."]
+    for p in prompts[:3]:
+        assert tok.decode(tok(p).input_ids, skip_special_tokens=True).replace(" ", "") == p.replace(" ", "")
+    # a word the corpus never had is spelt in characters, digits one by one
+    out = tok.convert_ids_to_tokens(tok("oldest items 42 tide", add_special_tokens=False).input_ids)
+    assert out == ["\u2581oldest", "\u2581items", "\u25814", "2", "\u2581t", "i", "d", "e"]
+    assert tok.unk_token_id not in tok("the items", add_special_tokens=False).input_ids
+
+
+def test_a_corpus_of_many_words_still_trains_sentencepiece():
+    many = [" ".join(f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676)}" for i in range(j, j + 8))
+            for j in range(0, 3000, 3)]
+    vocab = train_sentencepiece(many, vocab_size=300)
+    assert len(vocab) <= 300  # the trained model, not one piece per word (there are 3,000 words)
