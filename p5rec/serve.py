@@ -32,7 +32,6 @@ batch's requests, logged, and the worker goes on.
 import asyncio
 import json
 import logging
-import math
 import sys
 import time
 from collections import Counter, deque
@@ -402,14 +401,14 @@ def create_app(rec, info: dict | None = None, *, max_batch: int = 64, window_ms:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_cli(subparsers) -> None:
-    from p5rec.argtypes import int_at_least
+    from p5rec.argtypes import float_at_least, int_at_least, port
 
     p = subparsers.add_parser("serve", help="HTTP JSON API over a trained run (batched), with the template studio")
     p.add_argument("--run", required=True, type=Path, help="run directory written by train.py")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int_at_least(0), default=8000, help="port (0: any free port; default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port (0: any free port; default 8000)")
     p.add_argument("--max-batch", type=int_at_least(1), default=64, help="most requests decoded in one batch")
-    p.add_argument("--window-ms", type=float, default=5.0,
+    p.add_argument("--window-ms", type=float_at_least(0), default=5.0,
                    help="how long a request waits for others to batch with, when clients are concurrent (default 5 ms)")
     p.add_argument("--max-k", type=int_at_least(1), default=100, help="largest k a request may ask for")
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's, or OMP_NUM_THREADS)")
@@ -430,8 +429,6 @@ def _cli(args) -> int:
     from p5rec.inference import P5Rec
     from p5rec.run import Run, RunError
 
-    if not math.isfinite(args.window_ms) or args.window_ms < 0:
-        return _fail(f"--window-ms must be a number of milliseconds >= 0, got {args.window_ms}")
     if not args.no_studio and not args.save_dir.is_dir():
         return _fail(f"--save-dir {args.save_dir}: no such directory")
     try:  # the port first: a busy one is refused before the model is loaded

@@ -435,7 +435,7 @@ def create_app(studio: Studio):
 # ---------------------------------------------------------------------------------------------- CLI
 def add_cli(sub) -> None:
     """``p5rec templates studio`` (added to the ``templates`` sub-commands)."""
-    from p5rec.argtypes import int_at_least
+    from p5rec.argtypes import port
 
     q = sub.add_parser("studio", help="web page to browse, render, write and save templates (no trained run needed)")
     q.add_argument("--dataset", help="prepared dataset directory whose records templates render on "
@@ -445,7 +445,7 @@ def add_cli(sub) -> None:
     q.add_argument("--file", action="append", default=[], help="also load this YAML file (repeatable)")
     q.add_argument("--id-form", default="token", choices=["token", "text"])
     q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    q.add_argument("--port", type=int_at_least(0), default=8001, help="port (0: any free port; default 8001)")
+    q.add_argument("--port", type=port, default=8001, help="port (0: any free port; default 8001)")
     q.set_defaults(func=_cmd_studio)
 
 

@@ -1081,7 +1081,8 @@ def _sample(t: Template, rec: dict, split: str, config: RenderConfig, rng: np.ra
 # ---------------------------------------------------------------------------------------------- CLI
 def add_cli(subparsers):
     """``p5rec templates list|preview|validate``; returns the group's subparsers (``studio`` joins them, cli.py)."""
-    p = subparsers.add_parser("templates", help="list, preview and validate prompt templates")
+    p = subparsers.add_parser("templates", help="list, preview and validate prompt templates; studio: write them in "
+                              "a web page")
     sub = p.add_subparsers(dest="templates_command", metavar="SUBCOMMAND")
     sub.required = True
 

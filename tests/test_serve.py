@@ -279,9 +279,10 @@ def test_serve_command_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys)
     assert err.startswith(f"p5rec serve: cannot listen on 127.0.0.1:{port}") and "\n" not in err
     assert cli(["serve", "--run", str(tiny_run), "--port", "0", "--save-dir", str(tmp_path / "nope")]) == 2
     assert "--save-dir" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli(["serve", "--run", str(tiny_run), "--max-batch", "0"])
-    assert "--max-batch" in capsys.readouterr().err
+    for option, value in (("--max-batch", "0"), ("--port", "99999"), ("--window-ms", "-1"), ("--window-ms", "nan")):
+        with pytest.raises(SystemExit):
+            cli(["serve", "--run", str(tiny_run), option, value])
+        assert f"argument {option}: expected" in capsys.readouterr().err
 
 
 def test_predict_input_still_batches_and_isolates(tiny_run, ids, tmp_path):
