@@ -71,6 +71,10 @@ class ServerThread:
         self.stop()
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def run_server(app, sock: socket.socket, log_level: str = "info") -> None:
     """Serve ``app`` on ``sock`` until interrupted (Ctrl-C), uvicorn's logging at ``log_level``."""
     import uvicorn

@@ -425,7 +425,7 @@ def _fail(message: str) -> int:
 
 
 def _cli(args) -> int:
-    from p5rec.httpserver import listen, run_server
+    from p5rec.httpserver import is_loopback, listen, run_server
     from p5rec.inference import P5Rec
     from p5rec.run import Run, RunError
 
@@ -457,6 +457,9 @@ def _cli(args) -> int:
         host, port = sock.getsockname()[:2]
         logger.info("serving %s on http://%s:%d (OpenAPI page /docs%s)", args.run, host, port,
                     "" if studio is None else ", template studio /studio")
+        if studio is not None and not is_loopback(args.host):
+            logger.warning("the studio saves files into %s for anyone who reaches %s:%d; --no-studio turns it off",
+                           studio.save_dir.resolve(), host, port)
         run_server(app, sock)
     finally:
         sock.close()

@@ -450,7 +450,7 @@ def add_cli(sub) -> None:
 
 
 def _cmd_studio(args) -> int:
-    from p5rec.httpserver import listen, run_server
+    from p5rec.httpserver import is_loopback, listen, run_server
 
     def fail(message: str) -> int:
         print(f"p5rec templates studio: {message}", file=sys.stderr)
@@ -468,6 +468,9 @@ def _cmd_studio(args) -> int:
         host, port = sock.getsockname()[:2]
         logger.info("template studio on http://%s:%d/studio/ (records: %s; saves into %s)", host, port,
                     studio.dataset_label, studio.save_dir.resolve())
+        if not is_loopback(args.host):
+            logger.warning("the studio saves files into %s for anyone who reaches %s:%d", studio.save_dir.resolve(),
+                           host, port)
         run_server(create_app(studio), sock)
     finally:
         sock.close()
