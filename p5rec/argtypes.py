@@ -9,9 +9,10 @@ can use them without importing the command dispatcher.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable
 
-__all__ = ["int_at_least"]
+__all__ = ["float_at_least", "int_at_least", "port"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -31,4 +32,31 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     parse.__name__ = f"int>={minimum}"  # argparse names the type in some messages
+    return parse
+
+
+def port(text: str) -> int:
+    """A ``type=`` for a TCP port: an integer from 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return value
+
+
+def float_at_least(minimum: float) -> Callable[[str], float]:
+    """A ``type=`` for finite float options that must be ``>= minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {text!r}")
+        return value
+
+    parse.__name__ = f"float>={minimum:g}"
     return parse

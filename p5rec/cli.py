@@ -18,7 +18,10 @@ COMMANDS = {
     "train": "p5rec.training",
     "evaluate": "p5rec.evaluation",
     "predict": "p5rec.inference",
+    "serve": "p5rec.serve",
 }
+# sub-commands a module adds to another module's group: group -> modules (module.add_cli(the group's subparsers))
+SUBCOMMANDS = {"templates": ("p5rec.studio",)}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -30,7 +33,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     # Only import the module of the command being run (or all of them for --help).
     wanted = [a for a in argv if a in COMMANDS][:1] or list(COMMANDS)
     for name in wanted:
-        importlib.import_module(COMMANDS[name]).add_cli(sub)
+        group = importlib.import_module(COMMANDS[name]).add_cli(sub)
+        for module in SUBCOMMANDS.get(name, ()):
+            importlib.import_module(module).add_cli(group)
     return parser
 
 

@@ -35,14 +35,24 @@ COLD_START_NAME = "a new customer"
 
 
 class UnknownIdError(KeyError):
-    """A raw user or item id that the run's index does not know."""
+    """A raw user or item id that the run's index does not know; ``field`` names the request field that held it
+    (``user``, ``item``, ``history``, ``candidates``), or is None."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
     def __str__(self) -> str:  # KeyError would print the message with quotes
         return str(self.args[0])
 
 
 class RequestError(ValueError):
-    """A request whose fields are missing or of the wrong type; the message names the field (and the line)."""
+    """A request whose fields are missing or of the wrong type; the message names the field (and the line), and
+    so does ``field`` (None when the request as a whole is wrong: not an object, no task)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 # ------------------------------------------------------------------------------------- request checking
@@ -93,16 +103,16 @@ def check_request(request, line: int | None = None) -> dict:
                            "object like {\"task\": \"sequential\", \"history\": [...]}")
     task = request.get("task")
     if task is None:
-        raise RequestError(f"{where}field 'task' is required (one of {', '.join(TASKS)})")
+        raise RequestError(f"{where}field 'task' is required (one of {', '.join(TASKS)})", "task")
     if task not in TASKS:
-        raise RequestError(f"{where}unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise RequestError(f"{where}unknown task {task!r}; expected one of {', '.join(TASKS)}", "task")
     for name in REQUIRED.get(task, ()):
         if request.get(name) is None:
-            raise RequestError(f"{where}field {name!r} is required for task {task!r}")
+            raise RequestError(f"{where}field {name!r} is required for task {task!r}", name)
     for name, (ok, what) in FIELD_CHECKS.items():
         value = request.get(name)
         if value is not None and not ok(value):
-            raise RequestError(f"{where}field {name!r} must be {what}, got {_shown(value)}")
+            raise RequestError(f"{where}field {name!r} must be {what}, got {_shown(value)}", name)
     return {key: value for key, value in request.items() if value is not None}
 
 
@@ -147,17 +157,22 @@ class P5Rec:
             run = Run.open(run_dir, device)
         except RunError as exc:
             raise FileNotFoundError(str(exc)) from None
+        return cls.from_run(run)
+
+    @classmethod
+    def from_run(cls, run) -> "P5Rec":
+        """Answer requests with a :class:`p5rec.run.Run` already open (``p5rec serve`` keeps the run for its
+        metadata and the studio's records)."""
         return cls(run.model, run.tokenizer, run.index, run.templates, run.render_config, run.max_source_length,
                    run.trained_templates, run.trie)
 
     # ------------------------------------------------------------------ helpers
-    def _check_items(self, items: Sequence[str], where: str = "") -> None:
+    def _check_items(self, items: Sequence[str], where: str = "", field: str | None = None) -> None:
         for i in items:
             if i not in self.index.items:
                 raise UnknownIdError(
                     f"unknown item {i!r}{' (' + where + ')' if where else ''}: "
-                    f"not in this run's catalogue ({len(self.index.items)} items)"
-                )
+                    f"not in this run's catalogue ({len(self.index.items)} items)", field)
 
     def known_user(self, user: str | None) -> bool:
         return bool(user) and user in self.index.users
@@ -166,8 +181,19 @@ class P5Rec:
         if not self.known_user(user):
             raise UnknownIdError(
                 f"unknown user {user!r}: not among this run's {len(self.index.users)} users "
-                "(rating and explanation prompts need a known user; recommend/rank accept new users)"
-            )
+                "(rating and explanation prompts need a known user; recommend/rank accept new users)", "user")
+
+    def check_ids(self, request: dict) -> None:
+        """Every raw id of a checked request (:func:`check_request`) is one this run knows, or
+        :class:`UnknownIdError` naming the first that is not and its field. Cheap (dictionary look-ups): a server
+        calls it before queueing the request, so a batch is not held up by a request that cannot be answered."""
+        task = request["task"]
+        if task in USER_TASKS:
+            self._need_user(request["user"])
+        if request.get("item") is not None:
+            self._check_items([request["item"]], field="item")
+        self._check_items(request.get("history") or [], "in the history", "history")
+        self._check_items(request.get("candidates") or [], "a candidate", "candidates")
 
     def _family_of(self, role: str) -> str | None:
         """The family whose spec declares ``role`` (its ``inference:``), None if no loaded family does."""
@@ -183,14 +209,18 @@ class P5Rec:
 
     def _template(self, template_id: str, role: str):
         """``template_id``, checked to belong to the family that declares ``role``; recommending and ranking with a
-        history also take a template of the family that ranks without one (``rank_direct``)."""
+        history also take a template of the family that ranks without one (``rank_direct``). A template the run
+        does not have, or one of another family, is a :class:`RequestError` naming the ``template`` field."""
         family = self._family_of(role)
         if family is None:
             self.default_template(role)  # raises: no family declares the role
         also = self._family_of("rank_direct") if role in ("recommend", "rank") else None
-        t = self.templates.get(template_id)
+        try:
+            t = self.templates.get(template_id)
+        except KeyError as exc:
+            raise RequestError(f"{exc.args[0]}", "template") from None
         if t.family != family and t.family != also:
-            raise ValueError(f"template {template_id} belongs to family {t.family!r}, not {family!r}")
+            raise RequestError(f"template {template_id} belongs to family {t.family!r}, not {family!r}", "template")
         return t
 
     def _sources(self, template, records: list[dict]) -> list[str]:
@@ -204,6 +234,8 @@ class P5Rec:
         return {"user": "", "user_name": user_name or COLD_START_NAME}
 
     # ------------------------------------------------------------------ tasks
+    # Each task has a batched method taking a list of request dicts (the fields of :func:`check_request`, without
+    # ``task``), which renders every prompt and decodes them together; the one-request methods call it with one.
     def _recommend_template(self, known_user: bool) -> str:
         """A trained sequence template when the run has one (the continuation protocol), else the default.
 
@@ -230,16 +262,17 @@ class P5Rec:
 
         groups: dict[str, list[int]] = {}
         for n, r in enumerate(requests):
-            self._check_items(r.get("history", []), "in the history")
+            self._check_items(r.get("history") or [], "in the history", "history")
             tid = template or self._recommend_template(self.known_user(r.get("user")))
             groups.setdefault(tid, []).append(n)
         out: list[list[Prediction]] = [[] for _ in requests]
         for tid, idx in groups.items():
             t = self._template(tid, "recommend")
             recs = [dict(self._user_fields(requests[i].get("user"), requests[i].get("user_name")),
-                         history=list(requests[i].get("history", []))) for i in idx]
+                         history=list(requests[i].get("history") or [])) for i in idx]
             if "user" in t.variables and not self.render_config.anonymous_users and any(not r["user"] for r in recs):
-                raise UnknownIdError(f"template {tid} needs a known user id; use a user_name template for new users")
+                raise UnknownIdError(f"template {tid} needs a known user id; use a user_name template for new users",
+                                     "user")
             exclude = [r["history"] for r in recs] if exclude_history else None
             if t.scoring == "sequence":
                 ranked = continue_items(self.model, self.tokenizer, self._sources(t, recs),
@@ -258,77 +291,130 @@ class P5Rec:
         return self.recommend_batch([{"history": list(history), "user": user, "user_name": user_name}], k,
                                     template, exclude_history)[0]
 
+    def rank_batch(self, requests: list[dict]) -> list[list[Prediction]]:
+        """Each ``{"candidates": [...], "user": ..., "history": [...], "template": ...}`` ordered best first
+        (a sequential candidate template with a history, a direct one without; all of each request's candidates)."""
+        from p5rec.decoding import rank_items
+
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for n, r in enumerate(requests):
+            self._check_items(r["candidates"], "a candidate", "candidates")
+            self._check_items(r.get("history") or [], "in the history", "history")
+            key = "rank" if r.get("history") else "rank_direct"
+            tid = r.get("template") or self.default_template(key, self.known_user(r.get("user")))
+            groups.setdefault((tid, bool(r.get("history"))), []).append(n)
+        out: list[list[Prediction]] = [[] for _ in requests]
+        for (tid, has_history), idx in groups.items():
+            t = self._template(tid, "rank" if has_history else "rank_direct")
+            recs = [dict(self._user_fields(requests[i].get("user"), requests[i].get("user_name")),
+                         history=list(requests[i].get("history") or []), candidates=list(requests[i]["candidates"]))
+                    for i in idx]
+            tries = [self.trie.subset(r["candidates"]) for r in recs]
+            ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), tries,
+                                k=max(len(r["candidates"]) for r in recs), max_source_length=self.max_source_length)
+            for i, r in zip(idx, ranked):
+                out[i] = [Prediction(item, score) for item, score in r]
+        return out
+
     def rank(self, candidates: Sequence[str], user: str | None = None, history: Sequence[str] | None = None,
              template: str | None = None, user_name: str | None = None) -> list[Prediction]:
         """Order given candidates (sequential candidate template with a history, direct template without)."""
-        from p5rec.decoding import rank_items
+        return self.rank_batch([{"candidates": list(candidates), "user": user, "history": list(history or []),
+                                 "template": template, "user_name": user_name}])[0]
 
-        self._check_items(candidates, "a candidate")
-        self._check_items(history or [], "in the history")
-        key = "rank" if history else "rank_direct"
-        tid = template or self.default_template(key, self.known_user(user))
-        t = self._template(tid, key)
-        rec = dict(self._user_fields(user, user_name), history=list(history or []), candidates=list(candidates))
-        ranked = rank_items(self.model, self.tokenizer, self._sources(t, [rec]), [self.trie.subset(candidates)],
-                            k=len(candidates), max_source_length=self.max_source_length)[0]
-        return [Prediction(item, score) for item, score in ranked]
+    def _generate(self, role: str, default: str, requests: list[dict], records: list[dict],
+                  **decoding) -> list[str]:
+        """Text for each request's record (its ``template``, else ``default``, of the family declaring ``role``),
+        one ``generate`` call per template."""
+        from p5rec.decoding import generate_text
+
+        groups: dict[str, list[int]] = {}
+        for n, r in enumerate(requests):
+            groups.setdefault(r.get("template") or default, []).append(n)
+        out = [""] * len(requests)
+        for tid, idx in groups.items():
+            t = self._template(tid, role)
+            if "rating" in t.variables - t.target_variables and any(records[i].get("rating") is None for i in idx):
+                raise RequestError(f"template {tid} shows the star rating: pass rating", "rating")
+            texts = generate_text(self.model, self.tokenizer, self._sources(t, [records[i] for i in idx]),
+                                  max_source_length=self.max_source_length, **decoding)
+            for i, text in zip(idx, texts):
+                out[i] = text
+        return out
+
+    @staticmethod
+    def _rating_answer(text: str) -> dict:
+        from p5rec.metrics import parse_rating
+
+        value = parse_rating(text)
+        return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
+
+    def predict_rating_batch(self, requests: list[dict]) -> list[dict]:
+        """For each ``{"user": ..., "item": ..., "template": ...}``: {"rating": float in [1, 5] or None, "text"}."""
+        for r in requests:
+            self._need_user(r["user"])
+            self._check_items([r["item"]], field="item")
+        texts = self._generate("rating", self.default_template("rating"), requests,
+                               [{"user": r["user"], "item": r["item"]} for r in requests], max_new_tokens=6)
+        return [self._rating_answer(t) for t in texts]
 
     def predict_rating(self, user: str, item: str, template: str | None = None) -> dict:
         """{"rating": float clipped to [1, 5] or None, "text": raw output}."""
-        from p5rec.decoding import generate_text
-        from p5rec.metrics import parse_rating
+        return self.predict_rating_batch([{"user": user, "item": item, "template": template}])[0]
 
-        self._need_user(user)
-        self._check_items([item])
-        t = self._template(template or self.default_template("rating"), "rating")
-        text = generate_text(self.model, self.tokenizer, self._sources(t, [{"user": user, "item": item}]),
-                             max_new_tokens=6, max_source_length=self.max_source_length)[0]
-        value = parse_rating(text)
-        return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
+    def explain_batch(self, requests: list[dict], num_beams: int | None = None) -> list[str]:
+        """An explanation for each ``{"user", "item", "feature", "rating", "template"}`` (the family's
+        ``explain_feature`` template when a feature word is given, else its ``explain`` one), decoded as the
+        evaluation decodes text."""
+        for r in requests:
+            self._need_user(r["user"])
+            self._check_items([r["item"]], field="item")
+        requests = [dict(r, template=r.get("template") or self.default_template(
+            "explain_feature" if r.get("feature") else "explain")) for r in requests]
+        records = [{"user": r["user"], "item": r["item"], "feature": r.get("feature") or "", "rating": r.get("rating")}
+                   for r in requests]
+        return self._generate("explain", self.default_template("explain"), requests, records,
+                              **_text_decoding(num_beams))
 
     def explain(self, user: str, item: str, feature: str | None = None, rating: float | None = None,
                 template: str | None = None, num_beams: int | None = None) -> str:
-        from p5rec.decoding import generate_text
+        return self.explain_batch([{"user": user, "item": item, "feature": feature, "rating": rating,
+                                    "template": template}], num_beams)[0]
 
-        self._need_user(user)
-        self._check_items([item])
-        tid = template or self.default_template("explain_feature" if feature else "explain")
-        t = self._template(tid, "explain")
-        rec = {"user": user, "item": item, "feature": feature or "", "rating": rating}
-        if "rating" in t.variables - t.target_variables and rating is None:
-            raise ValueError(f"template {tid} shows the star rating: pass rating=")
-        return generate_text(self.model, self.tokenizer, self._sources(t, [rec]), max_source_length=self.max_source_length,
-                             **_text_decoding(num_beams))[0]
+    def _review_requests(self, requests: list[dict], role: str) -> tuple[list[dict], list[dict]]:
+        """(requests with their template, records) for review prompts; a user the run does not know is named
+        generically through the role's new-user template."""
+        out, records = [], []
+        for r in requests:
+            tid = r.get("template") or self.default_template(role)
+            rec = dict(self._user_fields(r.get("user"), None), review=r["review"])
+            if "user" in self._template(tid, role).variables and not rec["user"]:
+                tid = self.default_template(role, known_user=False)
+            out.append(dict(r, template=tid))
+            records.append(rec)
+        return out, records
 
-    def _review_source(self, review: str, user: str | None, template: str | None, role: str) -> str:
-        """The review prompt; a user the run does not know is named generically through the role's new-user
-        template."""
-        t = self._template(template or self.default_template(role), role)
-        rec = dict(self._user_fields(user, None), review=review)
-        if "user" in t.variables and not rec["user"]:
-            t = self._template(self.default_template(role, known_user=False), role)
-        return self._sources(t, [rec])[0]
+    def summarize_batch(self, requests: list[dict]) -> list[str]:
+        """A summary (title) of each ``{"review": ..., "user": ..., "template": ...}``."""
+        requests, records = self._review_requests(requests, "summarize")
+        return self._generate("summarize", self.default_template("summarize"), requests, records,
+                              **_text_decoding())
 
     def summarize(self, review: str, user: str | None = None, template: str | None = None) -> str:
-        from p5rec.decoding import generate_text
+        return self.summarize_batch([{"review": review, "user": user, "template": template}])[0]
 
-        source = self._review_source(review, user, template, "summarize")
-        return generate_text(self.model, self.tokenizer, [source], max_source_length=self.max_source_length,
-                             **_text_decoding())[0]
+    def rate_review_batch(self, requests: list[dict]) -> list[dict]:
+        """Star rating read from each review; a new user goes through the role's new-user template (the review
+        family's unseen user-name variant)."""
+        requests, records = self._review_requests(requests, "rate_review")
+        texts = self._generate("rate_review", self.default_template("rate_review"), requests, records,
+                               max_new_tokens=6)
+        return [self._rating_answer(t) for t in texts]
 
     def rate_review(self, review: str, user: str | None = None, template: str | None = None) -> dict:
-        """Star rating read from a review; a new user goes through the role's new-user template (the review
-        family's: its unseen user-name variant)."""
-        from p5rec.decoding import generate_text
-        from p5rec.metrics import parse_rating
+        return self.rate_review_batch([{"review": review, "user": user, "template": template}])[0]
 
-        source = self._review_source(review, user, template, "rate_review")
-        text = generate_text(self.model, self.tokenizer, [source], max_new_tokens=6,
-                             max_source_length=self.max_source_length)[0]
-        value = parse_rating(text)
-        return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
-
-    # ------------------------------------------------------------------ one request dict (CLI / JSONL)
+    # ------------------------------------------------------------------ request dicts (CLI / JSONL / HTTP)
     def answer(self, request: dict) -> dict:
         """Answer one request ``{"task": ..., ...}``; the result is JSON-serialisable.
 
@@ -338,29 +424,71 @@ class P5Rec:
 
     def _answer(self, request: dict) -> dict:
         """``answer`` for a request :func:`check_request` has passed."""
-        task = request.get("task")
         t0 = time.perf_counter()
-        if task == "sequential":
-            preds = self.recommend(request.get("history", []), request.get("user"), int(request.get("k", 10)),
-                                   request.get("template"), bool(request.get("exclude_history", True)))
-            result = {"items": [asdict(p) for p in preds]}
-        elif task in ("direct", "rank"):
-            preds = self.rank(request["candidates"], request.get("user"), request.get("history"),
-                              request.get("template"))
-            result = {"items": [asdict(p) for p in preds]}
-        elif task == "rating":
-            result = self.predict_rating(request["user"], request["item"], request.get("template"))
-        elif task == "explanation":
-            result = {"explanation": self.explain(request["user"], request["item"], request.get("feature"),
-                                                  request.get("rating"), request.get("template"))}
-        elif task == "review":
-            result = {"summary": self.summarize(request["review"], request.get("user"), request.get("template"))}
-        elif task == "review_rating":
-            result = self.rate_review(request["review"], request.get("user"), request.get("template"))
-        else:  # check_request let through a task this method does not know: a bug, not a bad request
-            raise AssertionError(f"task {task!r} passed check_request but has no handler")
+        result = self._answer_group([request])[0]
         result["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return result
+
+    def answer_batch(self, requests: list[dict]) -> list[dict | Exception]:
+        """Answers to requests :func:`check_request` has passed, decoded together where they can be: one batched
+        call per task and settings (:func:`batch_key`). A request the run refuses (an unknown id, a template of
+        another family) gets its exception in its place and never sinks the others: unknown ids are found first
+        (:meth:`check_ids`), and a group that still fails is answered again one request at a time."""
+        out: list[dict | Exception | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for n, r in enumerate(requests):
+            try:
+                self.check_ids(r)  # the common refusal, found before any group is decoded
+            except UnknownIdError as exc:
+                out[n] = exc
+                continue
+            groups.setdefault(batch_key(r), []).append(n)
+        for idx in groups.values():
+            try:
+                answers = self._answer_group([requests[i] for i in idx])
+            except REFUSED:
+                answers = []
+                for i in idx:
+                    try:
+                        answers.append(self._answer_group([requests[i]])[0])
+                    except REFUSED as exc:
+                        answers.append(exc)
+            for i, a in zip(idx, answers):
+                out[i] = a
+        return out
+
+    def _rank_answers(self, requests: list[dict]) -> list[list[dict]]:
+        return [[asdict(p) for p in ps] for ps in self.rank_batch(requests)]
+
+    def _answer_group(self, requests: list[dict]) -> list[dict]:
+        """Answers to checked requests that share a :func:`batch_key` (the first one's settings apply)."""
+        first = requests[0]
+        task = first["task"]
+        if task == "sequential":
+            preds = self.recommend_batch(requests, int(first.get("k", 10)), first.get("template"),
+                                         bool(first.get("exclude_history", True)))
+            return [{"items": [asdict(p) for p in ps]} for ps in preds]
+        handler = getattr(self, _HANDLERS[task][0])
+        return [{_HANDLERS[task][1]: v} if _HANDLERS[task][1] else v for v in handler(requests)]
+
+
+# task -> (batched P5Rec method, key of its answer; None: the method returns the answer dict)
+_HANDLERS = {"direct": ("_rank_answers", "items"), "rank": ("_rank_answers", "items"),
+             "rating": ("predict_rating_batch", None), "explanation": ("explain_batch", "explanation"),
+             "review": ("summarize_batch", "summary"), "review_rating": ("rate_review_batch", None)}
+# tasks whose prompt names the user by id: the user must be one the run knows
+USER_TASKS = ("rating", "explanation")
+# what a run may refuse about a request that passed check_request (an id it does not know, a template it lacks)
+REFUSED = (UnknownIdError, RequestError, ValueError, KeyError)
+
+
+def batch_key(request: dict) -> tuple:
+    """Requests with the same key can be decoded in one batched call: the task, and for next-item requests the
+    settings ``recommend_batch`` takes once for the batch (k, template, whether the history is excluded)."""
+    if request["task"] == "sequential":
+        return ("sequential", int(request.get("k", 10)), request.get("template"),
+                bool(request.get("exclude_history", True)))
+    return (request["task"],)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -493,25 +621,13 @@ def _batch(rec: P5Rec, args) -> int:
         logger.warning("%d of %d request line(s) refused; their answers are error objects naming the line and "
                        "field", len(by_line), len(by_line) + len(requests))
     t0 = time.perf_counter()
-    # Sequential requests are decoded in batches (those on the default template that leave out their history: the
-    # batch call has no per-request template or exclude_history); the others one by one (they are cheap).
-    batched = {n for n, r in requests if r["task"] == "sequential" and r.get("template") is None
-               and r.get("exclude_history", True)}
-    seq = [(n, r) for n, r in requests if n in batched]
-    for start in tqdm(range(0, len(seq), 64), desc="sequential", disable=None):
-        chunk = seq[start : start + 64]
-        k = max(int(r.get("k", 10)) for _, r in chunk)
-        try:
-            preds = rec.recommend_batch(chunk and [r for _, r in chunk], k=k)
-        except (UnknownIdError, ValueError, KeyError):
-            preds = None
-            for n, r in chunk:  # fall back to one by one, so one bad request does not sink the batch
-                by_line[n] = _safe(rec, r, n)
-        if preds is not None:
-            for (n, r), p in zip(chunk, preds):
-                by_line[n] = {"items": [asdict(x) for x in p[: int(r.get("k", 10))]]}
-    for n, r in tqdm([x for x in requests if x[0] not in batched], desc="requests", disable=None):
-        by_line[n] = _safe(rec, r, n)
+    # Decoded in chunks (a progress bar, and one bad request only costs its chunk a retry), each chunk batched
+    # by task and settings (P5Rec.answer_batch).
+    chunk = 256
+    for start in tqdm(range(0, len(requests), chunk), desc="requests", disable=None):
+        part = requests[start : start + chunk]
+        for (n, _), answer in zip(part, rec.answer_batch([r for _, r in part])):
+            by_line[n] = {"error": f"line {n}: {_message(answer)}"} if isinstance(answer, Exception) else answer
     for n, r in requests:
         by_line[n] = {"line": n, "request": r, **by_line[n]}
     answers = [by_line[n] for n in sorted(by_line)]
@@ -524,15 +640,6 @@ def _batch(rec: P5Rec, args) -> int:
     else:
         sys.stdout.write(out)
     return 0
-
-
-def _safe(rec: P5Rec, request: dict, line: int) -> dict:
-    """The answer to a checked request, or ``{"error": "line N: ..."}`` if the run refuses it (unknown id,
-    a template of another family)."""
-    try:
-        return rec._answer(request)
-    except (UnknownIdError, ValueError, KeyError) as exc:
-        return {"error": f"line {line}: {_message(exc)}"}
 
 
 def _message(exc: Exception) -> str:

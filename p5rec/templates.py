@@ -42,6 +42,7 @@ __all__ = [
     "FIELDS",
     "FamilyInfo",
     "SCORING_KINDS",
+    "PreviewError",
     "Problem",
     "RenderConfig",
     "Template",
@@ -51,6 +52,7 @@ __all__ = [
     "item_titles",
     "load_templates",
     "make_context",
+    "preview_rows",
     "render_records",
     "render_split",
     "shipped_files",
@@ -303,8 +305,10 @@ def shipped_files(families: Sequence[str] | None = None) -> list[Path]:
     return out
 
 
-def _parse_file(path: Path, env: jinja2.Environment) -> tuple[FamilyInfo | None, list[Template], list[Problem]]:
-    """Parse and compile one file; problems that stop a template from compiling drop that template."""
+def _parse_file(path: Path, env: jinja2.Environment,
+                text: str | None = None) -> tuple[FamilyInfo | None, list[Template], list[Problem]]:
+    """Parse and compile one file (``text``, when given, is its content, not yet written: the studio's draft);
+    problems that stop a template from compiling drop that template."""
     fname = str(path)
     problems: list[Problem] = []
 
@@ -312,7 +316,8 @@ def _parse_file(path: Path, env: jinja2.Environment) -> tuple[FamilyInfo | None,
         problems.append(Problem(fname, line, tid, kind, msg))
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        if text is None:
+            text = Path(path).read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except OSError as e:
@@ -520,24 +525,27 @@ def load_templates(
     paths: Sequence[str | Path] | None = None,
     families: Sequence[str] | None = None,
     include_shipped: bool | None = None,
+    texts: Mapping[str, str] | None = None,
 ) -> TemplateSet:
     """Load the shipped families (all, or ``families``) plus the user files in ``paths``.
 
-    ``include_shipped`` defaults to True; pass False to load only ``paths``. Raises :class:`TemplateError`
-    listing every structural problem (bad YAML/Jinja, unknown fields, duplicate ids across files).
+    ``include_shipped`` defaults to True; pass False to load only ``paths``. ``texts`` adds files not written
+    yet (file name -> YAML text), loaded after ``paths``. Raises :class:`TemplateError` listing every structural
+    problem (bad YAML/Jinja, unknown fields, duplicate ids across files).
     Rendering checks on synthetic records (answer_choices) are left to :func:`validate`.
     """
     if include_shipped is None:
         include_shipped = True
-    files = shipped_files(families) if include_shipped else []
-    files += [Path(p) for p in paths or ()]
+    files: list[tuple[Path, str | None]] = [(f, None) for f in (shipped_files(families) if include_shipped else [])]
+    files += [(Path(p), None) for p in paths or ()]
+    files += [(Path(name), text) for name, text in (texts or {}).items()]
     env = _new_env()
     all_templates: list[Template] = []
     infos: dict[str, FamilyInfo] = {}
     problems: list[Problem] = []
     where: dict[str, Template] = {}
-    for f in files:
-        info, ts, probs = _parse_file(f, env)
+    for f, text in files:
+        info, ts, probs = _parse_file(f, env, text)
         problems += probs
         if info is None:
             continue
@@ -599,8 +607,9 @@ def _synthetic_records() -> list[dict]:
 _SYNTHETIC_TITLES = {str(i): f"Title number {i}" for i in range(10)}
 
 
-def validate(path: str | Path, against_shipped: bool | None = None) -> list[Problem]:
+def validate(path: str | Path, against_shipped: bool | None = None, text: str | None = None) -> list[Problem]:
     """Every problem in one templates.yaml, each with file, line of the template entry and template id.
+    ``text``, when given, is validated as the content of ``path`` (which need not exist: the studio's draft).
 
     Besides what loading checks, renders each template on synthetic records in both id forms: a render
     error, an empty source or target, a target outside ``answer_choices``, or a template the sandbox stops
@@ -610,7 +619,7 @@ def validate(path: str | Path, against_shipped: bool | None = None) -> list[Prob
     """
     path = Path(path)
     env = _new_env()
-    info, templates, problems = _parse_file(path, env)
+    info, templates, problems = _parse_file(path, env, text)
     if info is not None:
         problems += _family_problems(info)
     shipped = {p.resolve() for p in shipped_files()}
@@ -1081,9 +1090,10 @@ def _sample(t: Template, rec: dict, split: str, config: RenderConfig, rng: np.ra
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """``p5rec templates list|preview|validate``."""
-    p = subparsers.add_parser("templates", help="list, preview and validate prompt templates")
+def add_cli(subparsers):
+    """``p5rec templates list|preview|validate``; returns the group's subparsers (``studio`` joins them, cli.py)."""
+    p = subparsers.add_parser("templates", help="list, preview and validate prompt templates; studio: write them in "
+                              "a web page")
     sub = p.add_subparsers(dest="templates_command", metavar="SUBCOMMAND")
     sub.required = True
 
@@ -1106,6 +1116,7 @@ def add_cli(subparsers) -> None:
     q = sub.add_parser("validate", help="check template files (default: the shipped ones)")
     q.add_argument("files", nargs="*", help="templates.yaml files")
     q.set_defaults(func=_cmd_validate)
+    return sub
 
 
 def _cmd_list(args) -> int:
@@ -1126,6 +1137,52 @@ def _cmd_list(args) -> int:
     return 0
 
 
+class PreviewError(ValueError):
+    """A template that cannot be previewed as asked; the message is the one line ``templates preview`` prints."""
+
+
+def preview_rows(templates: TemplateSet, template_id: str, prepared=None, split: str = "test", n: int = 3,
+                 config: RenderConfig | None = None, stats: dict | None = None) -> list[dict]:
+    """Up to ``n`` rendered rows of one template: on the first records of a ``prepared`` split, the way training
+    and evaluation render them (:func:`render_split`), or on synthetic records when ``prepared`` is None.
+
+    Each row is ``{"source", "target", "user", "item", "candidates"}`` (raw ids; empty for synthetic records).
+    ``config`` sets the rendering (id form, seed, history length; default :class:`RenderConfig`); the template is
+    selected whether seen or not. Raises :class:`PreviewError` for an unknown id, a dataset without the table the
+    family reads, or a template that fails to render (the sandbox's refusals included). ``stats`` receives
+    :func:`render_split`'s counts (why rows were dropped) when nothing renders.
+    """
+    import dataclasses
+
+    if template_id not in templates:
+        raise PreviewError(f"no template {template_id!r}; `p5rec templates list` shows the {len(templates)} ids")
+    t = templates.get(template_id)
+    cfg = dataclasses.replace(config or RenderConfig(), template_ids=[t.id], max_records=max(n, 1))
+    where = f"{t.file}:{t.line}: [{t.id}]"
+    if prepared is None:
+        try:
+            pairs = render_records(t, _synthetic_records()[:n], _SyntheticIndex(), cfg, titles=_SYNTHETIC_TITLES)
+        except (SecurityError, jinja2.TemplateError) as exc:
+            raise PreviewError(f"{where} {type(exc).__name__}: {exc}") from None
+        return [{"source": src, "target": tgt, "user": "", "item": "", "candidates": []} for src, tgt in pairs]
+    from p5rec.prepare import FAMILY_DIRS, PreparedError
+
+    data = templates.family_info(t.family).data
+    if not prepared.has_family(data):
+        why = prepared.manifest.get("skipped", {}).get(data) or (
+            f"not a prepared table ({', '.join(FAMILY_DIRS)})" if data not in FAMILY_DIRS else "not prepared")
+        have = ", ".join(prepared.manifest.get("families", {})) or "none"
+        raise PreviewError(f"{prepared.path} has no {data!r} table for template {t.id} ({t.family} family): "
+                           f"{why}; it has {have}")
+    try:
+        ds = render_split(prepared, t.family, split, cfg, templates, stats=stats)
+    except (SecurityError, jinja2.TemplateError, PreparedError) as exc:
+        raise PreviewError(f"{where} {type(exc).__name__}: {exc}") from None
+    ds = ds.select(range(min(n, len(ds))))
+    cols = _columns(ds, ["source", "target", "user", "item", "candidates"])
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
 def _preview_error(message: str) -> int:
     print(f"p5rec templates preview: {message}", file=sys.stderr)
     return 2
@@ -1138,42 +1195,27 @@ def _cmd_preview(args) -> int:
         more = f" (and {len(exc.problems) - 1} more problem(s); see `p5rec templates validate`)" \
             if len(exc.problems) > 1 else ""
         return _preview_error(f"{exc.problems[0]}{more}")
-    if args.id not in ts:
-        return _preview_error(f"no template {args.id!r}; `p5rec templates list` shows the {len(ts)} ids")
-    t = ts.get(args.id)
-    cfg = RenderConfig(seed=args.seed, id_form=args.id_form, template_ids=[t.id], max_records=max(args.n, 1))
+    prepared = None
     if args.dataset:
-        from p5rec.prepare import FAMILY_DIRS, PreparedError, load_prepared
+        from p5rec.prepare import PreparedError, load_prepared
 
         try:
             prepared = load_prepared(args.dataset)
         except (FileNotFoundError, PreparedError) as exc:
             return _preview_error(str(exc))
-        data = ts.family_info(t.family).data
-        if not prepared.has_family(data):
-            why = prepared.manifest.get("skipped", {}).get(data) or (
-                f"not a prepared table ({', '.join(FAMILY_DIRS)})" if data not in FAMILY_DIRS else "not prepared")
-            have = ", ".join(prepared.manifest.get("families", {})) or "none"
-            return _preview_error(f"{args.dataset} has no {data!r} table for template {t.id} ({t.family} family): "
-                                  f"{why}; it has {have}")
-        stats: dict = {}
-        try:
-            ds = render_split(prepared, t.family, args.split, cfg, ts, stats=stats)
-        except (SecurityError, jinja2.TemplateError, PreparedError) as exc:
-            return _preview_error(f"{t.file}:{t.line}: [{t.id}] {type(exc).__name__}: {exc}")
-        if len(ds) == 0:
-            print(f"{t.id}: nothing rendered on {args.dataset} ({args.split}): {stats or 'no records'}")
-            return 1
-        pairs = list(zip(ds["source"], ds["target"]))[: args.n]
-    else:
-        try:
-            pairs = render_records(t, _synthetic_records()[: args.n], _SyntheticIndex(), cfg,
-                                   titles=_SYNTHETIC_TITLES)
-        except (SecurityError, jinja2.TemplateError) as exc:
-            return _preview_error(f"{t.file}:{t.line}: [{t.id}] {type(exc).__name__}: {exc}")
+    stats: dict = {}
+    try:
+        rows = preview_rows(ts, args.id, prepared, args.split, args.n,
+                            RenderConfig(seed=args.seed, id_form=args.id_form), stats)
+    except PreviewError as exc:
+        return _preview_error(str(exc))
+    if not rows:
+        print(f"{args.id}: nothing rendered on {args.dataset} ({args.split}): {stats or 'no records'}")
+        return 1
+    t = ts.get(args.id)
     print(f"{t.id} {t.name} ({t.family}, {'seen' if t.seen else 'unseen'}, {t.scoring})")
-    for src, tgt in pairs:
-        print(f"\n  source: {src}\n  target: {tgt}")
+    for row in rows:
+        print(f"\n  source: {row['source']}\n  target: {row['target']}")
     return 0
 
 

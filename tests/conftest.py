@@ -40,3 +40,28 @@ def tiny_run(tmp_path_factory):
     extra = ["--report_to", "tensorboard"] if HAS_TENSORBOARD else []
     assert train_main(TINY + extra + ["--output_dir", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory) -> Path:
+    """The tiny run's data and mixture, trained 2 steps with one checkpoint (checkpoint-2) and no evaluation: for
+    tests that need a run directory and its checkpoint, not its results. Read-only: a test that damages a run
+    copies it first (test_hostile_inputs.py)."""
+    import torch
+
+    from p5rec.training import main as train_main
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    assert train_main(TINY + ["--output_dir", str(out), "--max_steps", "2", "--save_steps", "2",
+                              "--eval_strategy", "no", "--skip_test", "true", "--eval_users", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ids(tiny_run) -> tuple[list[str], list[str]]:
+    """(sorted raw user ids, sorted raw item ids) of the tiny run."""
+    import json
+
+    index = json.loads((tiny_run / "index.json").read_text())
+    return sorted(index["users"]), sorted(index["items"])

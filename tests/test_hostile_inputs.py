@@ -258,26 +258,7 @@ def test_corrupt_parquet_names_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ a tiny run
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """test_pipeline's tiny MI run, trained 2 steps with one checkpoint; same data and mixture settings, so the
-    prepared data and the tokenized mixture are shared through the session's cache."""
-    import torch
-    from test_pipeline import TINY
-
-    from p5rec.training import main as train_main
-
-    torch.set_num_threads(2)
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert train_main(TINY + ["--output_dir", str(out), "--max_steps", "2", "--save_steps", "2",
-                              "--eval_strategy", "no", "--skip_test", "true", "--eval_users", "0"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def ids(tiny_run):
-    index = json.loads((tiny_run / "index.json").read_text())
-    return sorted(index["users"]), sorted(index["items"])
+# quick_run (2 steps, checkpoint-2) and ids: tests/conftest.py
 
 
 def copy_run(run: Path, dest: Path) -> Path:
@@ -306,7 +287,7 @@ BAD_REQUESTS = {  # kind -> (line text, the error it must get)
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_run, ids, tmp_path_factory):
+def batch(quick_run, ids, tmp_path_factory):
     """One request file: a good request, then each bad kind followed by a good one; answered once."""
     users, items = ids
     good = [{"task": "sequential", "user": users[i], "history": items[i : i + 3], "k": 3} for i in range(12)]
@@ -321,7 +302,7 @@ def batch(tiny_run, ids, tmp_path_factory):
     path = tmp_path_factory.mktemp("batch") / "requests.jsonl"
     path.write_text("\n".join(lines) + "\n")
     out = path.with_name("answers.jsonl")
-    assert cli(["predict", "--run", str(tiny_run), "--input", str(path), "--output", str(out)]) == 0
+    assert cli(["predict", "--run", str(quick_run), "--input", str(path), "--output", str(out)]) == 0
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     return lines, where, answers
 
@@ -349,8 +330,8 @@ def test_predict_batch_bad_line_gets_its_own_error(batch, kind):
     one_line(answer["error"])
 
 
-def test_predict_single_request_missing_field(tiny_run, capsys):
-    assert cli(["predict", "--run", str(tiny_run), "--task", "rating", "--user", "someone"]) == 2
+def test_predict_single_request_missing_field(quick_run, capsys):
+    assert cli(["predict", "--run", str(quick_run), "--task", "rating", "--user", "someone"]) == 2
     assert one_line(capsys.readouterr().err) == "p5rec predict: field 'item' is required for task 'rating'"
 
 
@@ -361,10 +342,10 @@ def test_predict_single_request_missing_field(tiny_run, capsys):
     ("model.safetensors", "missing"), ("model.safetensors", "truncated"),
     ("run_config.json", "truncated"), ("index.json", "truncated"),
 ])
-def test_damaged_run_file_is_one_line_naming_it(tiny_run, tmp_path, capsys, name, damage):
+def test_damaged_run_file_is_one_line_naming_it(quick_run, tmp_path, capsys, name, damage):
     from p5rec.run import Run, RunError
 
-    run = copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(quick_run, tmp_path / "run")
     if damage == "missing":
         (run / name).unlink()
     else:
@@ -381,11 +362,11 @@ def test_damaged_run_file_is_one_line_naming_it(tiny_run, tmp_path, capsys, name
     assert not (run / "results.json").exists()
 
 
-def test_damaged_prepared_manifest_is_one_line_naming_it(tiny_run, tmp_path, capsys):
+def test_damaged_prepared_manifest_is_one_line_naming_it(quick_run, tmp_path, capsys):
     from p5rec.prepare import PreparedError, load_prepared
     from p5rec.run import Run, RunError
 
-    source = Path(json.loads((tiny_run / "run_config.json").read_text())["prepared_dir"])
+    source = Path(json.loads((quick_run / "run_config.json").read_text())["prepared_dir"])
     prepared = Path(shutil.copytree(source, tmp_path / "prepared"))
     manifest = prepared / "manifest.json"
     good = manifest.read_text()
@@ -401,7 +382,7 @@ def test_damaged_prepared_manifest_is_one_line_naming_it(tiny_run, tmp_path, cap
         assert cli(argv) == 2, argv
         assert str(manifest) in one_line(capsys.readouterr().err)
     # a run whose prepared data is damaged says so, naming the manifest
-    run = copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(quick_run, tmp_path / "run")
     config = json.loads((run / "run_config.json").read_text())
     (run / "run_config.json").write_text(json.dumps({**config, "prepared_dir": str(prepared)}))
     with pytest.raises(RunError, match=f"damaged: {manifest}: field 'families'"):
@@ -409,12 +390,12 @@ def test_damaged_prepared_manifest_is_one_line_naming_it(tiny_run, tmp_path, cap
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
-def test_resume_from_corrupt_optimizer_is_refused_before_training(tiny_run, tmp_path, capsys, damage):
+def test_resume_from_corrupt_optimizer_is_refused_before_training(quick_run, tmp_path, capsys, damage):
     from test_pipeline import TINY
 
     from p5rec.training import main as train_main
 
-    checkpoint = Path(shutil.copytree(tiny_run / "checkpoint-2", tmp_path / "checkpoint-2"))
+    checkpoint = Path(shutil.copytree(quick_run / "checkpoint-2", tmp_path / "checkpoint-2"))
     optimizer = checkpoint / "optimizer.pt"
     if damage == "truncated":
         truncate(optimizer)
@@ -430,11 +411,11 @@ def test_resume_from_corrupt_optimizer_is_refused_before_training(tiny_run, tmp_
 
 
 # ------------------------------------------------------------------------------------------ bounded load test
-def test_predict_load_bench_on_a_tiny_run(tiny_run, tmp_path):
+def test_predict_load_bench_on_a_tiny_run(quick_run, tmp_path):
     spec = importlib.util.spec_from_file_location("predict_load", ROOT / "bench" / "predict_load.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.load_test(tiny_run, tmp_path, n=300, malformed=0.05, seed=1, in_process=True)
+    report = bench.load_test(quick_run, tmp_path, n=300, malformed=0.05, seed=1, in_process=True)
     assert report["ok"], report["problems"]
     assert report["malformed"] == 15 and report["errors"] == 15 and report["answered"] == 285
     assert set(report["malformed_kinds"]) == set(bench.MALFORMED)
@@ -442,7 +423,7 @@ def test_predict_load_bench_on_a_tiny_run(tiny_run, tmp_path):
     # the check itself fails when an answer is missing or a bad line is answered
     lines = (tmp_path / "answers.jsonl").read_text().splitlines()
     answers = [json.loads(x) for x in lines]
-    _, bad = bench.build_requests(*[sorted(json.loads((tiny_run / "index.json").read_text())[k]) for k in
+    _, bad = bench.build_requests(*[sorted(json.loads((quick_run / "index.json").read_text())[k]) for k in
                                     ("users", "items")], 300, 0.05, 1)
     assert bench.check_answers(answers, 300, bad) == []
     assert bench.check_answers(answers[:-1], 300, bad)
