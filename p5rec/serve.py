@@ -32,6 +32,7 @@ batch's requests, logged, and the worker goes on.
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter, deque
@@ -195,7 +196,7 @@ def run_info(run) -> dict:
     if (run.path / "results.json").exists():
         try:
             r = read_json(run.path / "results.json")
-            results = {"split": r.get("split"), "families": r.get("families"), "baselines": r.get("baselines")}
+            results = _finite({"split": r.get("split"), "families": r.get("families"), "baselines": r.get("baselines")})
         except RunError as exc:
             logger.warning("results.json unreadable: %s", exc)
     config = run.config
@@ -213,6 +214,18 @@ def run_info(run) -> dict:
         "p5rec_version": config.get("p5rec_version"),
         "metrics": results,
     }
+
+
+def _finite(value):
+    """``value`` with NaN and infinities as None: JSON has no such numbers (a rating template whose outputs never
+    parse has RMSE_valid NaN in results.json), and one of them would turn ``GET /run`` into a 500."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- OpenAPI schemas
