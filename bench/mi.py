@@ -29,6 +29,10 @@ CONFIGS = {
     # id-token rows of the embedding learn faster (users and items; word rows as they were)
     "id-lr8": ["--id_embedding_lr_multiplier", "8"],
     "id-recipe": ["--id_embedding_init_std", "0.1", "--id_embedding_lr_multiplier", "8"],
+    # batches drawn at random, not grouped by length (grouped batches hold one family's prompts each)
+    "random-batches": ["--train_sampling_strategy", "random"],
+    # fewer sequential/direct prompts, more rating and text ones
+    "rebalanced": ["--renders", "sequential=3,direct=2,rating=4,explanation=3,review=3"],
 }
 
 
