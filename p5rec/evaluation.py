@@ -658,20 +658,13 @@ def results_panels(report: dict, specs: dict[str, FamilySpec] | None = None) -> 
     beside every baseline its spec declares for that protocol that was scored."""
     from p5rec.plots import Bar, Panel
 
-    specs = shipped_specs() if specs is None else specs
     panels = []
-    for fam, protos in report["families"].items():
-        for proto, groups in protos.items():
-            declared = specs[fam].protocols.get(proto) if fam in specs else None
-            metric = _headline_metric(declared, groups)
-            if metric is None:
-                continue
-            bars = [Bar(f"p5rec, {group} templates", groups[group][metric], group)
-                    for group in ("seen", "unseen") if metric in groups.get(group, {})]
-            have = report["baselines"].get(fam, {})
-            bars += [Bar(name, have[name][metric], "baseline") for name in declared.baselines
-                     if metric in have.get(name, {})]
-            panels.append(Panel(f"{fam} ({proto})", metric, bars, lower_is_better=not _higher_is_better(metric)))
+    for fam, proto, groups, declared, metric, have in _headlines(report, specs):
+        bars = [Bar(f"p5rec, {group} templates", groups[group][metric], group)
+                for group in ("seen", "unseen") if metric in groups.get(group, {})]
+        bars += [Bar(name, have[name][metric], "baseline") for name in declared.baselines
+                 if metric in have.get(name, {})]
+        panels.append(Panel(f"{fam} ({proto})", metric, bars, lower_is_better=not _higher_is_better(metric)))
     return panels
 
 
@@ -765,21 +758,26 @@ def headline_rows(report: dict, specs: dict[str, FamilySpec] | None = None) -> l
     """Per family and protocol: the headline metric its spec declares, its mean over seen and unseen templates,
     and the baseline beside it (the first of the spec's ``baselines`` that was scored), with the metric's
     direction. Saved in results.json as ``headline``: results.md and the model card read it."""
-    specs = shipped_specs() if specs is None else specs
     rows = []
+    for fam, proto, groups, declared, metric, have in _headlines(report, specs):
+        base_name = next((b for b in declared.baselines if metric in have.get(b, {})), None)
+        rows.append({"family": fam, "protocol": proto, "metric": metric,
+                     "seen": groups.get("seen", {}).get(metric), "unseen": groups.get("unseen", {}).get(metric),
+                     "baseline": base_name, "baseline_value": have[base_name][metric] if base_name else None,
+                     "higher_is_better": _higher_is_better(metric)})
+    return rows
+
+
+def _headlines(report: dict, specs: dict[str, FamilySpec] | None = None):
+    """(family, protocol, groups, declared protocol spec, headline metric, scored baselines) for every family and
+    protocol of ``report`` whose spec declares a headline metric its templates report."""
+    specs = shipped_specs() if specs is None else specs
     for fam, protos in report["families"].items():
         for proto, groups in protos.items():
             declared = specs[fam].protocols.get(proto) if fam in specs else None
             metric = _headline_metric(declared, groups)
-            if metric is None:
-                continue
-            have = report["baselines"].get(fam, {})
-            base_name = next((b for b in declared.baselines if metric in have.get(b, {})), None)
-            rows.append({"family": fam, "protocol": proto, "metric": metric,
-                         "seen": groups.get("seen", {}).get(metric), "unseen": groups.get("unseen", {}).get(metric),
-                         "baseline": base_name, "baseline_value": have[base_name][metric] if base_name else None,
-                         "higher_is_better": _higher_is_better(metric)})
-    return rows
+            if metric is not None:
+                yield fam, proto, groups, declared, metric, report["baselines"].get(fam, {})
 
 
 def _headline_metric(declared, groups: dict) -> str | None:
