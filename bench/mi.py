@@ -36,6 +36,8 @@ CONFIGS = {
     # fewer sequential/direct prompts, more rating and text ones: measured with one thread on a shared machine,
     # then made the default (the same mixture as "main" since)
     "rebalanced": ["--renders", "sequential=3,direct=2,rating=4,explanation=3,review=3"],
+    # id rows start from the training interactions (log-count, rating bias, spectral factors; p5rec/warmstart.py)
+    "collab-init": ["--id_embedding_init", "collaborative"],
 }
 
 

@@ -6,7 +6,7 @@ evaluation produces (ranked id lists, ratings, texts), so :mod:`p5rec.metrics` s
 
 * Ranking: :func:`popularity_ranking` (sequential, full ranking), :func:`popularity_direct` (100 candidates).
 * Rating: :func:`global_mean_rating`, :class:`BiasedMF` (mu + b_u + b_i [+ p_u.q_i], ALS in numpy).
-* Text: :func:`nearest_review_baseline` (explanations), :func:`nearest_summary_by_review` (summaries), both
+* Text: :func:`nearest_review_baseline` (explanations), :func:`nearest_text_by_input` (summaries), both
   TF-IDF nearest neighbours built with scipy.sparse.
 
 Nothing here looks at test targets except the convenience ``*_eval`` functions, which only score.
@@ -34,7 +34,7 @@ __all__ = [
     "item_popularity",
     "most_common_text",
     "nearest_review_baseline",
-    "nearest_summary_by_review",
+    "nearest_text_by_input",
     "popularity_direct",
     "popularity_direct_eval",
     "popularity_ranking",
@@ -464,26 +464,27 @@ def nearest_review_baseline(train_rows: Rows, test_rows: Rows, field: str = "exp
     return preds
 
 
-def nearest_summary_by_review(train_rows: Rows, test_rows: Rows, max_df: float = 1.0,
-                              chunk_cells: int = 10_000_000) -> list[str]:
-    """Predict each test review's summary: the summary of the most TF-IDF-similar training review text.
+def nearest_text_by_input(train_rows: Rows, test_rows: Rows, input: str = "review", field: str = "summary",
+                          max_df: float = 1.0, chunk_cells: int = 10_000_000) -> list[str]:
+    """Predict each test row's ``field`` text (a review's summary): the ``field`` of the training row whose
+    ``input`` text (the review) is the most TF-IDF-similar.
 
-    The input review is known at test time (review summarisation), so the neighbour is found on ``review``
-    text among training rows with a non-empty review and summary; ties -> the earlier row; no shared token ->
-    the global most common training summary. Scored in chunks of test rows so that the dense
-    ``chunk x n_train`` similarity block stays under ``chunk_cells`` cells.
+    The input is known at test time (review summarisation), so the neighbour is found on ``input`` text among
+    training rows with a non-empty ``input`` and ``field``; ties -> the earlier row; no shared token -> the global
+    most common training ``field``. Scored in chunks of test rows so that the dense ``chunk x n_train``
+    similarity block stays under ``chunk_cells`` cells.
     """
-    reviews, summaries = _col(train_rows, "review"), _col(train_rows, "summary")
-    keep = [j for j, (r, s) in enumerate(zip(reviews, summaries)) if str(r).strip() and str(s).strip()]
+    sources, texts = _col(train_rows, input), _col(train_rows, field)
+    keep = [j for j, (r, s) in enumerate(zip(sources, texts)) if str(r).strip() and str(s).strip()]
     if not keep:
-        raise ValueError("nearest_summary_by_review: no training rows with both review and summary")
-    reviews = [reviews[j] for j in keep]
-    summaries = [summaries[j] for j in keep]
+        raise ValueError(f"nearest_text_by_input: no training rows with both {input!r} and {field!r}")
+    sources = [sources[j] for j in keep]
+    texts = [texts[j] for j in keep]
     vec = TfidfVectorizer(max_df=max_df)
-    x_t = vec.fit_transform(reviews).T.tocsc()
-    queries = vec.transform(_col(test_rows, "review"))
-    global_summary = _most_common(summaries)
-    step = max(1, chunk_cells // max(len(reviews), 1))
+    x_t = vec.fit_transform(sources).T.tocsc()
+    queries = vec.transform(_col(test_rows, input))
+    fallback = _most_common(texts)
+    step = max(1, chunk_cells // max(len(sources), 1))
     preds: list[str] = []
     n_fallback = 0
     for start in range(0, queries.shape[0], step):
@@ -491,9 +492,10 @@ def nearest_summary_by_review(train_rows: Rows, test_rows: Rows, max_df: float =
         best = sims.argmax(axis=1)
         for b, row in zip(best, sims):
             if row[b] > 0:
-                preds.append(summaries[b])
+                preds.append(texts[b])
             else:
-                preds.append(global_summary)
+                preds.append(fallback)
                 n_fallback += 1
-    logger.info("nearest_summary_by_review: %d test rows, %d global fallback", len(preds), n_fallback)
+    logger.info("nearest_text_by_input(%s -> %s): %d test rows, %d global fallback", input, field, len(preds),
+                n_fallback)
     return preds

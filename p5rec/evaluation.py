@@ -393,11 +393,10 @@ def bleu_orders(spec: FamilySpec | None, protocol_name: str) -> tuple[int, ...]:
 
 
 def _attach_candidates(prepared, split: str, records: list[dict]) -> list[dict]:
-    """Give each case its saved candidates (the direct split's 1 positive + 99 negatives for that user)."""
+    """Give each case its saved candidates (1 positive + 99 never-touched items for that user)."""
     if records and "candidates" in records[0]:
         return records
-    table = prepared.family("direct")[split]
-    by_user = dict(zip(table["user"], table["candidates"]))
+    by_user = prepared.saved_candidates(split)
     return [dict(r, candidates=by_user[r["user"]]) for r in records if r["user"] in by_user]
 
 
@@ -436,57 +435,141 @@ def aggregate(results: list[TemplateResult]) -> dict:
     return out
 
 
-def run_baselines(prepared, cfg: EvalConfig) -> dict:
-    """Baselines scored on the same split and the same cases protocol as the model."""
+@dataclass
+class BaselineContext:
+    """What a baseline method reads: the family's table (its spec's ``data:``), the split it is scored on, the
+    protocol it sits beside (for BLEU orders) and the arguments its spec declares (``field``, ``input``)."""
+
+    prepared: Any
+    cfg: EvalConfig
+    spec: FamilySpec
+    protocol: str
+    name: str
+    args: dict
+
+    @property
+    def table(self):
+        return self.prepared.family(self.spec.data)
+
+    def records(self) -> list[dict]:
+        return _records(self.prepared, self.spec.data, self.cfg.split, self.cfg.max_cases, self.cfg.seed)
+
+    def arg(self, key: str) -> str:
+        if key not in self.args:
+            raise ValueError(f"{self.spec.file}: baselines.{self.name}: method {self.method!r} needs {key!r} "
+                             f"(the column it {'reads' if key == 'input' else 'predicts'})")
+        return self.args[key]
+
+    @property
+    def method(self) -> str:
+        return self.spec.baseline(self.name).method
+
+    def text_scores(self, preds: list[str], golds: list[str]) -> dict:
+        return metrics.text_metrics(preds, golds, bleu_orders=bleu_orders(self.spec, self.protocol))
+
+
+# method -> fn(ctx) -> {baseline name: metrics}; a family's spec names them (tasks/<family>/templates.yaml)
+BASELINES: dict[str, Callable[[BaselineContext], dict]] = {}
+
+
+def baseline(method: str):
+    def wrap(fn):
+        if method in BASELINES:
+            raise ValueError(f"baseline method {method!r} registered twice")
+        BASELINES[method] = fn
+        return fn
+
+    return wrap
+
+
+@baseline("popularity")
+def _popularity(ctx: BaselineContext) -> dict:
+    """Training-set popularity: over each case's saved candidates where the family ranks candidates, else over
+    the catalogue (also with each user's history excluded, SASRec's protocol)."""
+    counts = ctx.prepared.train_item_counts()
+    split = ctx.table[ctx.cfg.split]
+    if "candidates" in split.column_names:
+        return {ctx.name: metrics.ranking_metrics(baselines.popularity_direct(split, counts), split["target"])}
+    rows = ctx.records()
+    targets = [r["target"] for r in rows]
+    train_items = [i for seq in ctx.prepared.training_sequences().values() for i in seq]
+    return {
+        ctx.name: metrics.ranking_metrics(baselines.popularity_ranking(train_items, k=20, n_users=len(rows)), targets),
+        f"{ctx.name} (history excluded)": metrics.ranking_metrics(
+            baselines.popularity_ranking(train_items, k=20, exclude=[r["history"] for r in rows]), targets),
+    }
+
+
+@baseline("SASRec")
+def _sasrec(ctx: BaselineContext) -> dict:
+    """p5rec's SASRec trained on the training sequences (``--no-sasrec`` skips it)."""
+    return {ctx.name: _sasrec_baseline(ctx.table, ctx.records(), ctx.cfg)} if ctx.cfg.sasrec else {}
+
+
+def _ratings(ctx: BaselineContext) -> tuple:
+    col = ctx.args.get("field", "rating")
+    return ctx.table["train"], ctx.table[ctx.cfg.split], col
+
+
+@baseline("global mean")
+def _global_mean(ctx: BaselineContext) -> dict:
+    """The training mean of the rating column (``field``, default ``rating``) for every case."""
+    tr, te, col = _ratings(ctx)
+    mu = baselines.global_mean_rating(tr[col])
+    return {ctx.name: metrics.rating_metrics([mu] * len(te), te[col])}
+
+
+@baseline("biased MF")
+def _biased_mf(ctx: BaselineContext) -> dict:
+    """``mu + b_u + b_i`` fitted on the training ratings."""
+    tr, te, col = _ratings(ctx)
+    mf = baselines.BiasedMF().fit(tr["user"], tr["item"], tr[col])
+    return {ctx.name: metrics.rating_metrics(list(mf.predict(te["user"], te["item"])), te[col])}
+
+
+@baseline("nearest training text")
+def _nearest_text(ctx: BaselineContext) -> dict:
+    """The ``field`` text of the training row of the same item closest to what the user writes."""
+    col = ctx.arg("field")
+    preds = baselines.nearest_review_baseline(ctx.table["train"], ctx.table[ctx.cfg.split], col)
+    return {ctx.name: ctx.text_scores(preds, ctx.table[ctx.cfg.split][col])}
+
+
+@baseline("text of nearest input")
+def _nearest_input(ctx: BaselineContext) -> dict:
+    """The ``field`` text of the training row whose ``input`` text is closest to the case's ``input``."""
+    col, src = ctx.arg("field"), ctx.arg("input")
+    preds = baselines.nearest_text_by_input(ctx.table["train"], ctx.table[ctx.cfg.split], src, col)
+    return {ctx.name: ctx.text_scores(preds, ctx.table[ctx.cfg.split][col])}
+
+
+@baseline("most common training text")
+def _most_common(ctx: BaselineContext) -> dict:
+    """One sentence for every case (the most common training ``field`` text): what ignoring the input reaches."""
+    col = ctx.arg("field")
+    golds = ctx.table[ctx.cfg.split][col]
+    return {ctx.name: ctx.text_scores(baselines.most_common_text(ctx.table["train"][col], len(golds)), golds)}
+
+
+def run_baselines(prepared, cfg: EvalConfig, specs: dict[str, FamilySpec] | None = None) -> dict:
+    """Every baseline the evaluated families' specs declare, scored on the same split and cases as the model:
+    family -> baseline name -> metrics. A family whose table was not prepared gets none."""
+    specs = shipped_specs() if specs is None else specs
     out: dict[str, dict] = {}
-    split = cfg.split
-    fams = set(cfg.families)
-    seq = prepared.family("sequential")
-    # The training part of each user's sequence is exactly the history of their validation case.
-    train_items = [i for h in seq["valid"]["history"] for i in h]
-    if {"sequential", "ranking"} & fams:
-        rows = _records(prepared, "sequential", split, cfg.max_cases, cfg.seed)
-        targets = [r["target"] for r in rows]
-        pop = baselines.popularity_ranking(train_items, k=20, n_users=len(rows))
-        excl = baselines.popularity_ranking(train_items, k=20, exclude=[r["history"] for r in rows])
-        out["sequential"] = {
-            "popularity": metrics.ranking_metrics(pop, targets),
-            "popularity (history excluded)": metrics.ranking_metrics(excl, targets),
-        }
-        if cfg.sasrec:
-            out["sequential"]["SASRec"] = _sasrec_baseline(seq, rows, cfg)
-    if "direct" in fams:
-        rows = prepared.family("direct")[split]
-        ranked = baselines.popularity_direct(rows, _counts(train_items))
-        out["direct"] = {"popularity": metrics.ranking_metrics(ranked, rows["target"])}
-    if "rating" in fams:
-        rv = prepared.family("rating")
-        tr, te = rv["train"], rv[split]
-        mu = baselines.global_mean_rating(tr["rating"])
-        res = {"global mean": metrics.rating_metrics([mu] * len(te), te["rating"])}
-        mf = baselines.BiasedMF()
-        mf.fit(tr["user"], tr["item"], tr["rating"])
-        res["biased MF"] = metrics.rating_metrics(list(mf.predict(te["user"], te["item"])), te["rating"])
-        out["rating"] = res
-    if "explanation" in fams:
-        ex = prepared.family("explanation")
-        preds = baselines.nearest_review_baseline(ex["train"], ex[split], "explanation")
-        golds = ex[split]["explanation"]
-        out["explanation"] = {
-            "nearest training explanation": metrics.text_metrics(preds, golds, bleu_orders=(4,)),
-            # one sentence for every case: what a model that ignores its input can reach
-            "most common training explanation": metrics.text_metrics(
-                baselines.most_common_text(ex["train"]["explanation"], len(golds)), golds, bleu_orders=(4,)),
-        }
-    if "review" in fams:
-        rv = prepared.family("review")
-        preds = baselines.nearest_summary_by_review(rv["train"], rv[split])
-        golds = rv[split]["summary"]
-        out["review"] = {
-            "summary of nearest training review": metrics.text_metrics(preds, golds, bleu_orders=(2,)),
-            "most common training summary": metrics.text_metrics(
-                baselines.most_common_text(rv["train"]["summary"], len(golds)), golds, bleu_orders=(2,)),
-        }
+    for fam in cfg.families:
+        spec = specs.get(fam)
+        if spec is None or not prepared.has_family(spec.data):
+            continue
+        for proto, pspec in spec.protocols.items():
+            for name in pspec.baselines:
+                if name in out.get(fam, {}):
+                    continue
+                method = spec.baseline(name).method
+                if method not in BASELINES:
+                    raise ValueError(f"{spec.file}: baseline {name!r} of protocol {proto!r}: unknown method "
+                                     f"{method!r}; known: {', '.join(sorted(BASELINES))}")
+                ctx = BaselineContext(prepared, cfg, spec, proto, name, dict(spec.baseline(name).args))
+                out.setdefault(fam, {}).update(BASELINES[method](ctx))
     return out
 
 
@@ -508,12 +591,6 @@ def _sasrec_baseline(seq, rows: list[dict], cfg: EvalConfig) -> dict:
     logger.info("SASRec baseline: NDCG@10 %.4f HR@10 %.4f (%d epochs, %.0fs)", out["NDCG@10"], out["HR@10"],
                 model.epochs_run, out["seconds"])
     return out
-
-
-def _counts(items) -> dict[str, int]:
-    from collections import Counter
-
-    return dict(Counter(items))
 
 
 FULL_RESULTS = "results.json"  # the run's own evaluation: every family and template, all test cases
@@ -628,7 +705,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "model": {"parameters": int(sum(p.numel() for p in model.parameters())), "preset": config["model"]["preset"]},
         "templates": {r.template: asdict(r) for r in results},
         "families": aggregate(results),
-        "baselines": run_baselines(prepared, cfg) if cfg.baselines else {},
+        "baselines": run_baselines(prepared, cfg, {f: templates.family_info(f) for f in templates.families})
+        if cfg.baselines else {},
         "seconds": round(time.time() - started, 1),
     }
     specs = {f: templates.family_info(f) for f in templates.families}

@@ -4,6 +4,7 @@ A family is its folder and nothing in Python (docs/design.md §4). The header, a
 
     family: rating
     data: rating        # the prepared table it reads: prepared.family(data) (p5rec.prepare.FAMILY_DIRS)
+    task: rating-prediction  # what it does, as a model card's task type (default: the family's name)
     order: 3            # its place in listings, in the default --families and in the evaluation
     train: true         # the main job trains it (it is in the default --families)
     renders: 3          # prompts rendered per training record (the --renders default)
@@ -13,6 +14,8 @@ A family is its folder and nothing in Python (docs/design.md §4). The header, a
         headline: RMSE                                              # its metric in the headline table
         baselines: [biased MF]                                      # beside the headline: the first one run
       choice accuracy: {metrics: [accuracy], headline: accuracy}
+    baselines:          # how a baseline named above is computed, where its name is not a method's own name
+      biased MF: {method: biased MF, field: rating}     # methods: p5rec.evaluation.BASELINES
     curve: {protocols: [rating], metric: RMSE}   # learning curve: one template per protocol, this metric
     inference: {rating: "1-1"}                   # P5Rec's default template per role: an id, or [known, new user]
 
@@ -36,13 +39,13 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["FamilySpec", "ProtocolSpec", "CurveSpec", "ROLES", "SPEC_KEYS", "parse_spec", "shipped_specs",
+__all__ = ["FamilySpec", "ProtocolSpec", "BaselineSpec", "CurveSpec", "ROLES", "SPEC_KEYS", "parse_spec", "shipped_specs",
            "main_families", "tasks_root"]
 
 # The roles P5Rec fills with a family's default templates (p5rec.inference): one family declares each.
 ROLES = ("recommend", "rank", "rank_direct", "rating", "explain", "explain_feature", "summarize", "rate_review")
 # header keys that declare the family (besides family, data, schema, templates)
-SPEC_KEYS = ("order", "train", "renders", "protocols", "curve", "inference")
+SPEC_KEYS = ("task", "order", "train", "renders", "protocols", "baselines", "curve", "inference")
 _LAST = 1_000_000  # order of a family that declares none: after every one that does
 
 
@@ -51,6 +54,15 @@ class ProtocolSpec:
     metrics: tuple[str, ...] = ()  # result keys shown for the family, in this order
     headline: str | None = None  # the one metric of the headline table (None: no headline row)
     baselines: tuple[str, ...] = ()  # baseline names beside the headline; the first one that was run is shown
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """How a named baseline is computed: a method of ``p5rec.evaluation.BASELINES`` and its string arguments
+    (``field``: the column it predicts, ``input``: the column it reads)."""
+
+    method: str
+    args: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,10 +80,12 @@ class FamilySpec:
     schema: dict[str, str]
     file: str
     line: int = 1  # of the ``data:`` key (``family:`` when there is none)
+    task: str = ""  # what the family does, as a model card's task type (e.g. rating-prediction); default: its name
     order: int = _LAST
     train: bool = False
     renders: int = 1
     protocols: dict[str, ProtocolSpec] = field(default_factory=dict)
+    baselines: dict[str, BaselineSpec] = field(default_factory=dict)  # name -> method; undeclared: method = name
     curve: CurveSpec | None = None
     inference: dict[str, tuple[str, str]] = field(default_factory=dict)  # role -> (known user, new user)
     declared: frozenset[str] = frozenset()  # the SPEC_KEYS this file states
@@ -80,6 +94,10 @@ class FamilySpec:
     def metrics(self) -> list[str]:
         """Result keys of the family's table: every protocol's metrics, in declaration order, once each."""
         return list(dict.fromkeys(m for p in self.protocols.values() for m in p.metrics))
+
+    def baseline(self, name: str) -> BaselineSpec:
+        """How the baseline ``name`` (a protocol's ``baselines:`` entry) is computed."""
+        return self.baselines.get(name) or BaselineSpec(name)
 
     def template_ids(self) -> set[str]:
         return {tid for pair in self.inference.values() for tid in pair}
@@ -103,6 +121,12 @@ def parse_spec(data: Mapping[str, Any], file: str, line: int = 1) -> tuple[Famil
     def bad(where: str, expected: str, got: Any) -> None:
         problems.append(f"{where}: expected {expected}, got {got!r}")
 
+    if "task" in data:
+        if isinstance(data["task"], str) and data["task"]:
+            spec.task = data["task"]
+        else:
+            bad("task", "a task type such as rating-prediction", data["task"])
+    spec.task = spec.task or fam
     if "order" in data:
         if _is_int(data["order"]):
             spec.order = data["order"]
@@ -141,6 +165,20 @@ def parse_spec(data: Mapping[str, Any], file: str, line: int = 1) -> tuple[Famil
         elif headline is not None and metrics and headline not in metrics:
             problems.append(f"{where}.headline: expected one of its metrics ({', '.join(metrics)}), got {headline!r}")
         spec.protocols[str(name)] = ProtocolSpec(tuple(metrics), headline, tuple(baselines))
+    declared_baselines = data.get("baselines", {})
+    if not isinstance(declared_baselines, dict):
+        bad("baselines", "a mapping of baseline name -> {method, field, input}", declared_baselines)
+        declared_baselines = {}
+    for name, b in declared_baselines.items():
+        where = f"baselines.{name}"
+        if not isinstance(b, dict) or not isinstance(b.get("method"), str) or not b["method"]:
+            bad(where, "a mapping with a method name (and string arguments such as field, input)", b)
+            continue
+        args = {k: v for k, v in b.items() if k != "method"}
+        if not all(isinstance(v, str) and v for v in args.values()):
+            bad(where, "string arguments", args)
+            continue
+        spec.baselines[str(name)] = BaselineSpec(b["method"], tuple(sorted(args.items())))
     if "curve" in data:
         c = data["curve"]
         if not isinstance(c, dict):

@@ -15,6 +15,7 @@ and a warning says so.
 from __future__ import annotations
 
 import json
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,6 @@ MARKER = ("<!-- p5rec model card: written by train.py, rewritten by `p5rec evalu
           "Delete this line to keep your own edits: p5rec then leaves the file alone. -->")
 _MARKER_PREFIX = "<!-- p5rec model card:"
 
-# family -> model-index task type
-TASKS = {"sequential": "sequential-recommendation", "direct": "candidate-ranking", "rating": "rating-prediction",
-         "explanation": "explanation-generation", "review": "review-summarization", "ranking": "ranking"}
 # the metrics the card's metadata reports, in this order, where a family and protocol has them
 CARD_METRICS = ("HR@10", "NDCG@10", "accuracy", "RMSE", "MAE", "BLEU-4", "BLEU-2", "ROUGE-L")
 METRIC_IDS = {"HR": "hit_rate", "NDCG": "ndcg", "accuracy": "accuracy", "RMSE": "rmse", "MAE": "mae", "BLEU": "bleu",
@@ -82,6 +80,30 @@ def _cell(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1.5 else f"{value:.2f}"
 
 
+@functools.lru_cache(maxsize=8)
+def _specs(template_files: str | None) -> dict:
+    from p5rec.run import run_templates
+
+    try:
+        templates = run_templates({"data": {"template_files": template_files}})
+    except (ValueError, OSError):  # the run's template files are gone: the shipped families still describe it
+        templates = run_templates({})
+    return {f: templates.family_info(f) for f in templates.families}
+
+
+def _spec(config: dict, family: str):
+    """The family's spec as the run knew it (its own --template_files included); a bare one if it is unknown."""
+    from p5rec.families import FamilySpec
+
+    return _specs(config.get("data", {}).get("template_files")).get(family) or FamilySpec(
+        family, family, {}, "", task=family)
+
+
+def _roles(config: dict) -> set[str]:
+    """The P5Rec roles (p5rec.families.ROLES) some trained family of the run fills."""
+    return {role for f in config["data"]["families"].split(",") if f.strip() for role in _spec(config, f.strip()).inference}
+
+
 def metadata(run_dir: Path, config: dict, manifest: dict | None, results: dict | None) -> dict:
     """The YAML header (Hugging Face model-card metadata)."""
     dataset = (manifest or {}).get("dataset") or Path(config["data"]["dataset"]).name
@@ -90,7 +112,7 @@ def metadata(run_dir: Path, config: dict, manifest: dict | None, results: dict |
         "library_name": "p5rec",
         "pipeline_tag": "text2text-generation",
         "tags": ["p5rec", "recommendation", "recommender-system", "p5", "t5", "text2text-generation",
-                 *[TASKS.get(f, f) for f in families]],
+                 *[_spec(config, f).task for f in families]],
         "datasets": [dataset],
     }
     if not results:
@@ -106,7 +128,7 @@ def metadata(run_dir: Path, config: dict, manifest: dict | None, results: dict |
                         metrics.append({"type": key.lower(), "value": _num(groups[group][key]),
                                         "name": f"{key} ({group} templates, mean)"})
             if metrics:
-                entries.append({"task": {"type": TASKS.get(fam, fam), "name": f"{fam}: {proto}"},
+                entries.append({"task": {"type": _spec(config, fam).task, "name": f"{fam}: {proto}"},
                                 "dataset": {"type": dataset, "name": dataset, "split": results["split"]},
                                 "metrics": metrics})
     meta["metrics"] = sorted(set(names))
@@ -165,9 +187,10 @@ def model_card(run_dir: str | Path) -> str:
               "```python", "from p5rec.inference import P5Rec", "",
               'rec = P5Rec.from_pretrained("path/to/this/folder")',
               f"rec.recommend(history={some_items!r}, user={some_user!r}, k=5)   # [Prediction(item, score)]"]
-    if "direct" in data["families"]:
+    roles = _roles(config)
+    if "rank_direct" in roles:
         parts.append(f"rec.rank({list(items)[2:5]!r}, user={some_user!r})")
-    if "rating" in data["families"] and some_items:
+    if "rating" in roles and some_items:
         parts.append(f"rec.predict_rating({some_user!r}, {some_items[0]!r})")
     parts += ["```", "", "Or from the command line: `p5rec predict --run path/to/this/folder --task sequential "
               f"--history {','.join(some_items)} -k 5`. Recommendations are always items of this model's catalogue "

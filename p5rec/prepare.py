@@ -461,6 +461,31 @@ class PreparedDataset:
             self._cache["catalogue"] = sorted(set(self.interactions["item"]))
         return self._cache["catalogue"]
 
+    def training_sequences(self) -> dict[str, list[str]]:
+        """user -> the training part of their sequence, oldest first. By design.md §2 a user's validation case has
+        ``history = seq[:-2]``, exactly that part (the validation target itself is not training data)."""
+        if "training_sequences" not in self._cache:
+            valid = self.family("sequential")["valid"]
+            self._cache["training_sequences"] = dict(zip(valid["user"], valid["history"]))
+        return self._cache["training_sequences"]
+
+    def training_ratings(self) -> tuple[list[str], list[str], list[float]] | None:
+        """(users, items, stars) of the training reviews; None where the data has no stars (P5's Beauty)."""
+        if not self.has_family("rating"):
+            return None
+        train = self.family("rating")["train"].select_columns(["user", "item", "rating"])
+        stars = np.asarray(train["rating"], dtype=np.float64)
+        return (list(train["user"]), list(train["item"]), stars.tolist()) if np.isfinite(stars).any() else None
+
+    def saved_candidates(self, split: str) -> dict[str, list[str]]:
+        """user -> the 100 candidates saved for their ``split`` case (1 positive + 99 never-touched items), which
+        every candidate protocol of every family ranks, so that all of them are scored on the same lists."""
+        key = f"candidates-{split}"
+        if key not in self._cache:
+            table = self.family("direct")[split].select_columns(["user", "candidates"])
+            self._cache[key] = dict(zip(table["user"], table["candidates"]))
+        return self._cache[key]
+
     def train_item_counts(self) -> dict[str, int]:
         """item -> number of training interactions (training part of the sequences; popularity baselines)."""
         targets = pd.Series(self.family("direct")["train"]["target"], dtype=object)

@@ -879,16 +879,13 @@ class _Negatives:
 
 
 class _SavedCandidates:
-    """user -> the saved 100 candidates of ``prepared.family("direct")[split]``, read on first use."""
+    """user -> the saved 100 candidates of the split (:meth:`PreparedDataset.saved_candidates`), read on first use."""
 
     def __init__(self, prepared, split: str):
-        self.prepared, self.split, self._map = prepared, split, None
+        self.prepared, self.split = prepared, split
 
     def get(self, user: str) -> list[str] | None:
-        if self._map is None:
-            cols = _columns(self.prepared.family("direct")[self.split], ["user", "candidates"])
-            self._map = dict(zip(cols["user"], cols["candidates"]))
-        return self._map.get(user)
+        return self.prepared.saved_candidates(self.split).get(user)
 
 
 def render_split(prepared, family: str, split: str, config: RenderConfig | None = None,

@@ -61,6 +61,15 @@ class ModelArguments:
         default=None,
         metadata={"help": "std of the id-token rows at initialisation (default: as the rest of the embedding)"},
     )
+    id_embedding_init: str = field(
+        default="random",
+        metadata={"help": "random, or collaborative: the first --id_embedding_init_dims columns of each user and "
+                  "item row start from the training interactions (log-count, rating bias, spectral factors of "
+                  "the user-item matrix; p5rec/warmstart.py)"},
+    )
+    id_embedding_init_dims: int = field(
+        default=16, metadata={"help": "coordinates written by --id_embedding_init collaborative"}
+    )
     item_softmax: bool = field(
         default=False,
         metadata={"help": "where the label is an item token, softmax over item tokens only (token id form)"},
@@ -79,6 +88,10 @@ class ModelArguments:
             raise ValueError(f"--id_form {self.id_form!r}: choose token or text")
         if self.id_form != "token" and (self.id_embedding_lr_multiplier != 1.0 or self.id_embedding_init_std):
             raise ValueError("--id_embedding_lr_multiplier and --id_embedding_init_std need id tokens (--id_form token)")
+        if self.id_embedding_init not in ("random", "collaborative"):
+            raise ValueError(f"--id_embedding_init {self.id_embedding_init!r}: choose random or collaborative")
+        if self.id_embedding_init != "random" and self.id_form != "token":
+            raise ValueError("--id_embedding_init collaborative needs id tokens (--id_form token)")
         if self.id_embedding_lr_multiplier <= 0 or self.embedding_lr_multiplier <= 0:
             raise ValueError("--embedding_lr_multiplier and --id_embedding_lr_multiplier must be positive")
 
@@ -446,6 +459,12 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         with torch.no_grad():
             weight = model.get_input_embeddings().weight
             weight[id_rows] = torch.randn(len(id_rows), weight.shape[1]) * margs.id_embedding_init_std
+    if margs.id_embedding_init == "collaborative" and not targs.resume_from_checkpoint:
+        from p5rec.warmstart import prepared_vectors, write_rows
+
+        mix_info["collaborative_rows"] = write_rows(
+            model.get_input_embeddings().weight, tokenizer, prepared.index,
+            prepared_vectors(prepared, margs.id_embedding_init_dims, targs.seed), users=not dargs.anonymous_users)
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
         if span is None:

@@ -43,7 +43,8 @@ class FakeIndex:
 
 
 class FakePrepared:
-    """``family(name)``, ``index``, ``user_items()``, ``catalogue``, ``items``, ``interactions``."""
+    """``family(name)``, ``index``, ``user_items()``, ``saved_candidates()``, ``training_sequences()``,
+    ``catalogue``, ``items``, ``interactions``."""
 
     def __init__(self, with_titles: bool = True, nan_rating: bool = False, seed: int = 0):
         self.index = FakeIndex()
@@ -101,3 +102,10 @@ class FakePrepared:
 
     def user_items(self) -> dict[str, set[str]]:
         return {u: set(seq) for u, seq in SEQUENCES.items()}
+
+    def saved_candidates(self, split: str) -> dict[str, list[str]]:
+        table = self.family("direct")[split]
+        return dict(zip(table["user"], table["candidates"]))
+
+    def training_sequences(self) -> dict[str, list[str]]:
+        return {u: seq[:-2] for u, seq in SEQUENCES.items()}

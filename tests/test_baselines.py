@@ -155,14 +155,14 @@ def test_nearest_review_baseline_picks_expected_texts():
                      "the colour is lovely"]
 
 
-def test_nearest_summary_by_review():
+def test_nearest_text_by_input():
     train = Dataset.from_dict({
         "review": ["battery lasts forever and charges fast", "screen cracked after a week", "",
                    "the strap broke"],
         "summary": ["great battery", "fragile screen", "no review", ""],
     })
     test = Dataset.from_dict({"review": ["my screen cracked", "battery charges fast", "xyz qqq"]})
-    preds = B.nearest_summary_by_review(train, test, chunk_cells=2)  # 1 test row per chunk
+    preds = B.nearest_text_by_input(train, test, chunk_cells=2)  # 1 test row per chunk
     assert preds == ["fragile screen", "great battery", "great battery"]
 
 

@@ -63,6 +63,9 @@ def test_shipped_specs_declare_every_protocol_their_templates_are_scored_by():
      "protocols.rating.headline: expected one of its metrics (RMSE), got 'MAE'"),
     ("family: stars\ndata: rating\nprotocols:\n  rating: {metric: [RMSE]}\n",
      "protocols.rating: unknown key(s) metric; expected metrics, headline, baselines"),
+    ("family: stars\ndata: rating\nbaselines: {mean: global mean}\n",
+     "baselines.mean: expected a mapping with a method name"),
+    ("family: stars\ndata: rating\ntask: [rating]\n", "task: expected a task type"),
     ("family: stars\ndata: rating\ncurve: {protocols: [rating]}\n", "curve.metric: expected a metric name, got None"),
     ("family: stars\ndata: rating\ncurve: {protocols: [], metric: RMSE}\n",
      "curve.protocols: expected a non-empty list of protocol names, got []"),
@@ -134,7 +137,9 @@ family: stars
 data: rating
 renders: 2
 protocols:
-  rating: {metrics: [RMSE, MAE], headline: RMSE, baselines: [biased MF]}
+  rating: {metrics: [RMSE, MAE], headline: RMSE, baselines: [biased MF, the usual star]}
+baselines:
+  the usual star: {method: global mean, field: rating}
 curve: {protocols: [rating], metric: MAE}
 schema:
   user: user id surface
@@ -192,6 +197,9 @@ def test_a_new_family_is_a_folder_trained_and_evaluated_without_python(tmp_path)
     assert set(report["templates"]) == {"S-1", "S-2"}
     groups = report["families"]["stars"]["rating"]
     assert groups["seen"]["RMSE"] >= 0 and groups["unseen"]["RMSE"] >= 0
+    # the baselines the spec names, computed by the methods it names, on the same cases
+    assert set(report["baselines"]["stars"]) == {"biased MF", "the usual star"}
+    assert report["baselines"]["stars"]["the usual star"]["RMSE"] > 0
     md = written[0].with_suffix(".md").read_text()
     assert "| stars | rating | RMSE |" in md and "## stars" in md
     assert "| template | protocol | seen | n | RMSE | MAE |" in md
@@ -227,3 +235,16 @@ def test_a_bad_family_file_stops_training_with_one_line(tmp_path, capsys):
     assert train_main(TINY + ["--output_dir", str(tmp_path / "run"), "--template_files", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"train: {bad}:3: [] family: renders: expected a whole number >= 0, got 'many'"]
+
+
+def test_a_baseline_with_an_unknown_method_is_refused_naming_the_file(tmp_path):
+    from p5rec.evaluation import EvalConfig, run_baselines
+    from template_fixtures import FakePrepared
+
+    path = _family_file(tmp_path, "family: stars\ndata: rating\nprotocols:\n  rating: {metrics: [RMSE], "
+                                  "baselines: [oracle]}\n")
+    specs = {"stars": T.load_templates(paths=[path], include_shipped=False).family_info("stars")}
+    prepared = FakePrepared()
+    prepared.has_family = lambda name: True
+    with pytest.raises(ValueError, match=f"{path}: baseline 'oracle' of protocol 'rating': unknown method 'oracle'"):
+        run_baselines(prepared, EvalConfig(families=("stars",)), specs)
