@@ -2,7 +2,7 @@
 
     python bench/beauty.py --budget cpu                         # every CPU row, then the table and the plot
     python bench/beauty.py --budget cpu --rows seq-random,sasrec  # some rows
-    python bench/beauty.py --data ../shared/data/p5-sequential/sports --name sports   # any P5-format folder
+    python bench/beauty.py --data path/to/p5/data/sports --name sports   # any P5-format folder
     python bench/beauty.py --table-only                         # rebuild table and plots from the JSON files
     python bench/beauty.py --budget gpu --rows seq-random       # on a GPU: 10-minute steps, see --chunk-minutes
 
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BEAUTY = ROOT.parent / "shared" / "data" / "p5-sequential" / "beauty"
 logger = logging.getLogger("bench.beauty")
 KEYS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10")
 
@@ -104,11 +103,17 @@ def steps_per_epoch(prepared: Path, batch: int) -> int:
     return math.ceil(users / batch)
 
 
-def train_and_score(name: str, spec: dict, budget: dict, data: Path, work: Path, out: Path, py: str,
+def source(data: Path | None) -> list[str]:
+    """`p5rec data prepare` arguments naming the sequences: the --data folder, else the registered p5-beauty
+    (its files in $P5REC_DATA/p5-beauty/, see `p5rec data list`)."""
+    return ["--path", str(data)] if data else ["--dataset", "p5-beauty"]
+
+
+def train_and_score(name: str, spec: dict, budget: dict, data: Path | None, work: Path, out: Path, py: str,
                     chunk_minutes: float | None) -> None:
     prepared = work / f"prepared-{spec['index']}"
     if not (prepared / "manifest.json").exists():
-        run([py, "-m", "p5rec.cli", "data", "prepare", "--path", str(data), "--format", "p5seq",
+        run([py, "-m", "p5rec.cli", "data", "prepare", *source(data), "--format", "p5seq",
              "--index", spec["index"], "--out", str(prepared)])
     run_dir = work / name
     per_epoch = steps_per_epoch(prepared, budget["batch"])
@@ -289,7 +294,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--rows", default=",".join([*ROWS, "sasrec"]), help=f"of {', '.join([*ROWS, 'sasrec'])}")
-    ap.add_argument("--data", type=Path, default=BEAUTY, help="a P5-format folder (sequential_data.txt)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a P5-format folder (sequential_data.txt); default: the registered p5-beauty")
     ap.add_argument("--name", default="beauty", help="names the results folder: bench/results/<name>-<budget>")
     ap.add_argument("--chunk-minutes", type=float, default=None,
                     help="stop training after this many minutes (checkpointed); run again to continue")
@@ -309,7 +315,7 @@ def main() -> None:
                 continue
             if name == "sasrec":
                 if not (work / "prepared-random" / "manifest.json").exists():
-                    run([sys.executable, "-m", "p5rec.cli", "data", "prepare", "--path", str(args.data), "--format",
+                    run([sys.executable, "-m", "p5rec.cli", "data", "prepare", *source(args.data), "--format",
                          "p5seq", "--index", "random", "--out", str(work / "prepared-random")])
                 sasrec(budget, work, out, sys.executable)
             elif name in ROWS:

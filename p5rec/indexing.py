@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from scipy.cluster.vq import kmeans2
 from scipy.sparse.linalg import LinearOperator, lobpcg
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "sequential", "collaborative")
 FORMS = ("token", "text")
@@ -165,7 +165,7 @@ def fit_index(
         item_ids = {raw: str(i + 1) for raw, i in zip(train_items, rng.permutation(len(train_items)))}
         user_ids = {raw: str(i + 1) for raw, i in zip(all_users, rng.permutation(len(all_users)))}
     elif strategy == "sequential":
-        log.warning(
+        logger.warning(
             "index strategy 'sequential' (P5's scheme) numbers items by first appearance: items adjacent in "
             "sequences share sub-word tokens, which leaks the answer; prefer 'random' or 'collaborative'"
         )

@@ -1,6 +1,6 @@
 """The backbone: ``T5ForConditionalGeneration`` built from a named preset, or loaded from a local checkpoint.
 
-Presets are sized from measured CPU throughput (../shared/TOOLCHAIN.md, batch 32, 2 threads, 64-token inputs):
+Presets are sized from measured CPU throughput (AdamW, batch 32, 2 threads, 64-token inputs):
 ``tiny`` (tests, ~0.2 M params, ~1,400 examples/s), ``mini`` (the CPU default, 128/512 2+2, ~180 examples/s),
 ``compact`` (256/1024 4+4, ~60/s), ``small`` (the t5-small shape, 48 M, ~12/s: GPU), ``base`` (t5-base shape).
 Parameter counts above exclude the embedding table, which grows with the vocabulary and the id tokens.

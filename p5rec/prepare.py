@@ -1,10 +1,12 @@
 """Raw dataset -> prepared directory (design.md §2), and loading it back.
 
-``prepare`` is the data pipeline, one step per function call, each logged with its counts:
+``prepare`` is the data pipeline, one function per step, each returning its table(s) and counts and logging one line:
 
-    resolve -> read -> deduplicate -> k-core -> time order -> leave-one-out (sequential, direct)
-    -> 8:1:1 ratio split (reviews: rating + review) -> explanations -> index (fitted on training part)
-    -> negatives -> write tables + index.json + manifest.json (into a hidden sibling, renamed into place at the end)
+    _read (resolve, read, checksum the sources) -> _clean (deduplicate, k-core, time order)
+    -> _split (leave-one-out for sequential + direct; one 8:1:1 ratio split for reviews + explanation)
+    -> _fit_index (on the training part) -> _sequential_table, _direct_table (negatives + shuffled candidates, saved),
+       _review_table (rating + review), _explanation_table
+    -> _manifest + _write (tables, index.json, manifest.json into a hidden sibling, renamed into place at the end)
 
 Every count along the way goes into ``manifest.json``, with a ``fingerprint`` (sha256 over the parameters, the
 source checksums, the counts and the content of every table), so two preparations can be compared by one string.
@@ -37,12 +39,12 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 import p5rec
-from p5rec import atomic, explain, preprocess, splits
+from p5rec import atomic, explain, preprocess, readers, splits
 from p5rec.argtypes import int_at_least
 from p5rec.indexing import STRATEGIES, Index, fit_index
 from p5rec.preprocess import PreprocessError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # prepared table -> its directory (design.md §2): the tables `prepare` writes, which a family's `data:` names
 FAMILY_DIRS = {
@@ -108,8 +110,6 @@ def _dataset_name(path: Path) -> str:
 
 def _resolve(dataset: str | Path, fmt: str | None) -> tuple[str, str, list[Path]]:
     """(name, reader format, paths) for a local path or a registered dataset name."""
-    from p5rec import readers
-
     path = Path(dataset)
     if isinstance(dataset, Path) or path.exists():
         if not path.exists():
@@ -192,7 +192,7 @@ class _Clock:
         now = time.perf_counter()
         self.timings[name] = round(now - self._t, 3)
         self._t = now
-        log.info("%s: " + message + " (%.1fs)", name, *args, self.timings[name])
+        logger.info("%s: " + message + " (%.1fs)", name, *args, self.timings[name])
 
     def total(self) -> float:
         return round(time.perf_counter() - self._t0, 3)
@@ -226,23 +226,70 @@ def prepare(
     the candidate shuffles. Raises ``DataFormatError`` (bad input), ``PreprocessError`` (nothing left after a
     step), ``FileNotFoundError``. Returns ``out``.
     """
-    from p5rec import readers
-
     if index not in STRATEGIES:
         raise ValueError(f"unknown index strategy {index!r}; expected one of {STRATEGIES}")
     explain.EXTRACTORS.get(explainer)  # fail before reading, not after
     out = Path(out)
     check_out(out, overwrite)  # before minutes of work, not after
     for stale in atomic.stale_siblings(out):
-        log.warning("%s was left by an interrupted preparation of %s; delete it to reclaim the space", stale, out)
+        logger.warning("%s was left by an interrupted preparation of %s; delete it to reclaim the space", stale, out)
     clock = _Clock()
+    raw = _read(dataset, fmt, on_error=on_error, columns=columns, delimiter=delimiter, clock=clock)
+    cleaned = _clean(raw.result.interactions, k, clock)
+    df = cleaned.df
+    split = _split(df, cleaned.skipped, seed, clock)
+    idx = _fit_index(df, split.loo, index, seed, clock)
+    tables = {"sequential": _sequential_table(split.loo, clock),
+              "direct": _direct_table(df, split.loo, n_negatives, seed, clock)}
+    if split.reviews is not None:
+        tables["reviews"] = _review_table(df, split.reviews, clock)
+    explanation = None
+    if "explanation" not in cleaned.skipped:
+        tables["explanation"], explanation = _explanation_table(df, split.reviews, explainer, clock)
+    params = {"k": k, "index": index, "seed": seed, "n_negatives": n_negatives, "on_error": on_error,
+              "columns": columns, "delimiter": delimiter, "explainer": explainer, "ratios": list(RATIOS)}
+    manifest = _write(out, _manifest(raw, params, cleaned, split, idx, tables, explanation), df, raw.result.items,
+                      tables, idx, overwrite=overwrite, clock=clock)
+    logger.info("prepared %s in %.1fs: %s", raw.name, manifest["timings"]["total"],
+                ", ".join(f"{f} {sum(v['splits'].values())}" for f, v in manifest["families"].items()))
+    return out
+
+
+@dataclass
+class _Raw:
+    """What :func:`_read` returns."""
+
+    name: str
+    fmt: str
+    result: readers.ReadResult
+    source: list[dict]  # manifest["source"]: every file read, with its sha256
+
+
+def _read(dataset: str | Path, fmt: str | None, *, on_error: str, columns: dict[str, str] | None,
+          delimiter: str | None, clock: _Clock) -> _Raw:
+    """Step 1, read the raw files: resolve ``dataset`` to a reader and its files, read them, checksum each."""
     name, fmt, paths = _resolve(dataset, fmt)
     result = readers.read(fmt, paths, on_error=on_error, columns=columns, delimiter=delimiter)
     source = [{"path": str(p), "sha256": _sha256_file(Path(p))} for p in result.source]
     clock.step("read", "%d interactions from %s (%s), %d malformed", len(result.interactions), name, fmt,
                result.counts.get("malformed", 0))
+    return _Raw(name, fmt, result, source)
 
-    df = result.interactions.to_pandas()
+
+@dataclass
+class _Cleaned:
+    """What :func:`_clean` returns."""
+
+    df: pd.DataFrame  # the interactions table: deduplicated, k-core filtered, sorted by (user, timestamp, item)
+    counts: dict  # manifest["counts"], from interactions_read to avg_sequence_length
+    skipped: dict[str, str]  # family -> why the cleaned data cannot feed it
+    notes: list[str]
+
+
+def _clean(interactions: datasets.Dataset, k: int, clock: _Clock) -> _Cleaned:
+    """Step 2, clean: drop duplicates, keep the k-core, order each user's interactions in time; say which
+    families the data can feed (ratings for rating, review text for review and explanation)."""
+    df = interactions.to_pandas()
     n_read = len(df)
     before = {"users": int(df["user"].nunique()), "items": int(df["item"].nunique()), "interactions": n_read}
     df, dup_counts = preprocess.deduplicate(df)
@@ -253,31 +300,82 @@ def prepare(
     clock.step("clean", "removed %d exact duplicates, %d repeats; k-core(k=%d) removed %d rows in %d round(s); "
                "%d users, %d items, %d interactions", dup_counts["exact_duplicates"],
                dup_counts["repeat_interactions"], k, kcore_removed["rows"], len(rounds), n_users, n_items, n_rows)
-
-    families: dict[str, dict] = {}
-    skipped: dict[str, str] = {}
+    counts = {
+        "interactions_read": n_read,
+        "before": before,  # distinct users and items as read, before deduplication and the k-core filter
+        "duplicates": dup_counts,
+        "kcore_rounds": rounds,
+        "kcore_removed": kcore_removed,
+        "after": {"users": int(n_users), "items": int(n_items), "interactions": int(n_rows)},
+        "sparsity": round(1 - n_rows / (n_users * n_items), 6),
+        "avg_sequence_length": round(n_rows / n_users, 4),
+    }
     notes: list[str] = []
-    tables: dict[str, datasets.Dataset | datasets.DatasetDict] = {}
     if bool((df["timestamp"] == 0).all()):
         notes.append("every timestamp is 0 (missing): sequences follow item-id order, not time")
-        log.warning(notes[-1])
+        logger.warning(notes[-1])
+    skipped: dict[str, str] = {}
+    has_rating = bool(df["rating"].notna().any())
+    if not has_rating:
+        skipped["rating"] = "no ratings in the source (implicit feedback)"
+    if not (df["review"].str.len() > 0).any():
+        skipped["review"] = skipped["explanation"] = "no review text in the source"
+    n_partial = int(df["rating"].isna().sum())
+    if has_rating and n_partial:
+        notes.append(f"{n_partial} reviews have no rating (NaN in the rating column)")
+    return _Cleaned(df, counts, skipped, notes)
 
-    # -- sequential + direct: leave-one-out over time-ordered sequences
+
+@dataclass
+class _Splits:
+    """What :func:`_split` returns."""
+
+    loo: splits.LeaveOneOut  # leave-one-out over each user's sequence: sequential and direct
+    reviews: np.ndarray | None  # the 8:1:1 split of each cleaned row (rating, review, explanation); None: all skipped
+    moved: int  # rows the ratio split moved to train so every user and item is in train
+
+
+def _split(df: pd.DataFrame, skipped: dict[str, str], seed: int, clock: _Clock) -> _Splits:
+    """Step 3, split: leave-one-out over the sequences; one 8:1:1 ratio split over the reviews, which the rating,
+    review and explanation tables share (none is split when the data has neither ratings nor review text)."""
     loo = splits.leave_one_out(df)
-    tables["sequential"] = datasets.DatasetDict({
-        s: _from_pandas(getattr(loo, s), SEQUENTIAL_FEATURES) for s in splits.SPLITS})
-    train_seqs = loo.training_sequences()
-    eval_users = loo.test["user"].tolist()
     clock.step("leave_one_out", "%d/%d/%d sequential rows, %d users with < 3 interactions", len(loo.train),
                len(loo.valid), len(loo.test), loo.short_users)
+    if "rating" in skipped and "review" in skipped:
+        return _Splits(loo, None, 0)
+    split_of, moved = splits.ratio_split(df, RATIOS, seed=seed)
+    clock.step("ratio_split", "reviews %s, %d rows moved to train so every user/item is in train",
+               {s: int((split_of == s).sum()) for s in splits.SPLITS}, moved)
+    return _Splits(loo, split_of, moved)
 
-    # -- index, fitted on the training part only
-    idx = fit_index(train_seqs, strategy=index, seed=seed, items=df["item"].unique().tolist(),
+
+def _fit_index(df: pd.DataFrame, loo: splits.LeaveOneOut, strategy: str, seed: int, clock: _Clock) -> Index:
+    """Step 4, the index: fitted on the training part of the sequences only, over every item and user."""
+    idx = fit_index(loo.training_sequences(), strategy=strategy, seed=seed, items=df["item"].unique().tolist(),
                     users=list(loo.sequences))
-    clock.step("index", "%s index over %d users, %d items (levels %s)", index, len(idx.users), len(idx.items),
+    clock.step("index", "%s index over %d users, %d items (levels %s)", strategy, len(idx.users), len(idx.items),
                idx.levels)
+    return idx
 
-    # -- direct: training positives + 100 shuffled candidates for valid/test
+
+def _rows(dd: datasets.DatasetDict) -> dict[str, int]:
+    """split -> row count (``manifest["families"][...]["splits"]`` and the step log)."""
+    return {s: len(ds) for s, ds in dd.items()}
+
+
+def _sequential_table(loo: splits.LeaveOneOut, clock: _Clock) -> datasets.DatasetDict:
+    """Step 5a, the sequential table: the leave-one-out rows (user, history, target)."""
+    table = datasets.DatasetDict({s: _from_pandas(getattr(loo, s), SEQUENTIAL_FEATURES) for s in splits.SPLITS})
+    clock.step("sequential", "rows %s", _rows(table))
+    return table
+
+
+def _direct_table(df: pd.DataFrame, loo: splits.LeaveOneOut, n_negatives: int, seed: int,
+                  clock: _Clock) -> datasets.DatasetDict:
+    """Step 5b, the direct table: the training positives; for valid and test, the target with ``n_negatives``
+    items the user never touched, shuffled and saved, so every evaluation ranks the same candidates."""
+    train_seqs = loo.training_sequences()
+    eval_users = loo.test["user"].tolist()
     user_items = {u: set(s) for u, s in loo.sequences.items()}
     catalogue = np.array(sorted(df["item"].unique()), dtype=object)
     negatives = splits.sample_negatives(user_items, catalogue, n=n_negatives, seed=seed + 1, users=eval_users)
@@ -290,82 +388,75 @@ def prepare(
         direct[split] = _from_pandas(
             pd.DataFrame({"user": frame["user"], "target": frame["target"],
                           "candidates": [cands[u] for u in frame["user"]]}), DIRECT_EVAL_FEATURES)
-    tables["direct"] = datasets.DatasetDict(direct)
-    clock.step("negatives", "%d negatives for each of %d users", n_negatives, len(eval_users))
+    clock.step("direct", "%d negatives for each of %d users", n_negatives, len(eval_users))
+    return datasets.DatasetDict(direct)
 
-    # -- reviews (rating + review) and explanations: one 8:1:1 split over the cleaned reviews
-    has_rating = bool(df["rating"].notna().any())
-    has_text = bool((df["review"].str.len() > 0).any())
-    moved = 0
-    expl_stats: dict | None = None
-    if not has_rating:
-        skipped["rating"] = "no ratings in the source (implicit feedback)"
-    if not has_text:
-        skipped["review"] = skipped["explanation"] = "no review text in the source"
-    if has_rating or has_text:
-        split_of, moved = splits.ratio_split(df, RATIOS, seed=seed)
-        reviews = df[["user", "item", "rating", "review", "summary", "user_name", "timestamp"]]
-        tables["reviews"] = datasets.DatasetDict({
-            s: _from_pandas(reviews[split_of == s], REVIEW_FEATURES) for s in splits.SPLITS})
-        n_partial = int(df["rating"].isna().sum())
-        if has_rating and n_partial:
-            notes.append(f"{n_partial} reviews have no rating (NaN in the rating column)")
-        clock.step("ratio_split", "reviews %s, %d rows moved to train so every user/item is in train",
-                   {s: int((split_of == s).sum()) for s in splits.SPLITS}, moved)
-        if has_text:
-            texts = df["review"].tolist()
-            extractor = explain.EXTRACTORS.get(explainer)().fit(texts)
-            pairs = [extractor.extract_one(t) for t in tqdm(texts, desc="explanations", disable=None, mininterval=2)]
-            ok = np.array([p is not None for p in pairs], dtype=bool)
-            expl = df.loc[ok, ["user", "item", "rating", "user_name"]].copy()
-            expl["feature"] = [p[0] for p in pairs if p is not None]
-            expl["explanation"] = [p[1] for p in pairs if p is not None]
-            tables["explanation"] = datasets.DatasetDict({
-                s: _from_pandas(expl[split_of[ok] == s], EXPLANATION_FEATURES) for s in splits.SPLITS})
-            expl_stats = {"extractor": explainer, "features": len(getattr(extractor, "features", {})),
-                          "explained": int(ok.sum()), "coverage": round(explain.coverage(pairs), 6)}
-            clock.step("explanations", "%d of %d reviews explained (coverage %.3f), %d features", int(ok.sum()),
-                       len(texts), expl_stats["coverage"], expl_stats["features"])
 
-    for family, sub in FAMILY_DIRS.items():
-        if family not in skipped:
-            families[family] = {"dir": sub, "splits": {s: len(ds) for s, ds in tables[sub].items()}}
+def _review_table(df: pd.DataFrame, split_of: np.ndarray, clock: _Clock) -> datasets.DatasetDict:
+    """Step 5c, the reviews table (rating and review families): each cleaned row in its ratio split."""
+    reviews = df[["user", "item", "rating", "review", "summary", "user_name", "timestamp"]]
+    table = datasets.DatasetDict({s: _from_pandas(reviews[split_of == s], REVIEW_FEATURES) for s in splits.SPLITS})
+    clock.step("reviews", "rows %s", _rows(table))
+    return table
 
-    # -- write into a temporary sibling, then rename it into place (the module docstring of p5rec.atomic)
+
+def _explanation_table(df: pd.DataFrame, split_of: np.ndarray, explainer: str,
+                       clock: _Clock) -> tuple[datasets.DatasetDict, dict]:
+    """Step 5d, the explanation table: a (feature, explanation) pair extracted from each review that has one, in
+    the review's ratio split; and ``manifest["explanation"]`` (extractor, features, rows explained, coverage)."""
+    texts = df["review"].tolist()
+    extractor = explain.EXTRACTORS.get(explainer)().fit(texts)
+    pairs = [extractor.extract_one(t) for t in tqdm(texts, desc="explanations", disable=None, mininterval=2)]
+    ok = np.array([p is not None for p in pairs], dtype=bool)
+    expl = df.loc[ok, ["user", "item", "rating", "user_name"]].copy()
+    expl["feature"] = [p[0] for p in pairs if p is not None]
+    expl["explanation"] = [p[1] for p in pairs if p is not None]
+    table = datasets.DatasetDict({
+        s: _from_pandas(expl[split_of[ok] == s], EXPLANATION_FEATURES) for s in splits.SPLITS})
+    stats = {"extractor": explainer, "features": len(getattr(extractor, "features", {})),
+             "explained": int(ok.sum()), "coverage": round(explain.coverage(pairs), 6)}
+    clock.step("explanation", "%d of %d reviews explained (coverage %.3f), %d features", int(ok.sum()),
+               len(texts), stats["coverage"], stats["features"])
+    return table, stats
+
+
+def _manifest(raw: _Raw, params: dict, cleaned: _Cleaned, split: _Splits, idx: Index, tables: dict,
+              explanation: dict | None) -> dict:
+    """Step 6a, the manifest: every step's counts; the table hashes, fingerprint and timings are added by
+    :func:`_write`."""
+    return {
+        "kind": PREPARED_KIND,
+        "p5rec_version": p5rec.__version__,
+        "dataset": raw.name,
+        "format": raw.fmt,
+        "source": raw.source,
+        "params": params,
+        "seed": params["seed"],
+        "k": params["k"],
+        "counts": {
+            "read": {key: int(v) for key, v in raw.result.counts.items()},
+            **cleaned.counts,
+            "short_users": split.loo.short_users,
+            "moved_to_train": int(split.moved),
+        },
+        "families": {family: {"dir": sub, "splits": _rows(tables[sub])}
+                     for family, sub in FAMILY_DIRS.items() if family not in cleaned.skipped},
+        "skipped": cleaned.skipped,
+        "notes": cleaned.notes,
+        "explanation": explanation,
+        "index": {"strategy": idx.strategy, "levels": idx.levels, "users": len(idx.users),
+                  "items": len(idx.items), "file": "index.json"},
+    }
+
+
+def _write(out: Path, manifest: dict, df: pd.DataFrame, items: datasets.Dataset | None, tables: dict, idx: Index,
+           *, overwrite: bool, clock: _Clock) -> dict:
+    """Step 6b, write: the tables, index.json and ``manifest`` (completed with the table hashes, the fingerprint
+    and the timings, and returned) into a temporary sibling, then renamed to ``out`` (the module docstring of
+    p5rec.atomic)."""
     work = atomic.make_temporary_dir(out)
     try:
-        table_hashes = _write_tables(work, df, result.items, tables, idx)
-        manifest = {
-            "kind": PREPARED_KIND,
-            "p5rec_version": p5rec.__version__,
-            "dataset": name,
-            "format": fmt,
-            "source": source,
-            "params": {"k": k, "index": index, "seed": seed, "n_negatives": n_negatives, "on_error": on_error,
-                       "columns": columns, "delimiter": delimiter, "explainer": explainer, "ratios": list(RATIOS)},
-            "seed": seed,
-            "k": k,
-            "counts": {
-                "read": {key: int(v) for key, v in result.counts.items()},
-                "interactions_read": n_read,
-                "before": before,  # distinct users and items as read, before deduplication and the k-core filter
-                "duplicates": dup_counts,
-                "kcore_rounds": rounds,
-                "kcore_removed": kcore_removed,
-                "after": {"users": int(n_users), "items": int(n_items), "interactions": int(n_rows)},
-                "sparsity": round(1 - n_rows / (n_users * n_items), 6),
-                "avg_sequence_length": round(n_rows / n_users, 4),
-                "short_users": loo.short_users,
-                "moved_to_train": int(moved),
-            },
-            "families": families,
-            "skipped": skipped,
-            "notes": notes,
-            "explanation": expl_stats,
-            "index": {"strategy": idx.strategy, "levels": idx.levels, "users": len(idx.users),
-                      "items": len(idx.items), "file": "index.json"},
-            "tables": table_hashes,
-        }
+        manifest["tables"] = _write_tables(work, df, items, tables, idx)
         manifest["fingerprint"] = fingerprint(manifest)
         clock.step("write", "wrote %s (fingerprint %s)", out, manifest["fingerprint"][:12])
         manifest["timings"] = {**clock.timings, "total": clock.total()}
@@ -375,9 +466,7 @@ def prepare(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log.info("prepared %s in %.1fs: %s", name, manifest["timings"]["total"],
-             ", ".join(f"{f} {sum(v['splits'].values())}" for f, v in families.items()))
-    return out
+    return manifest
 
 
 def _write_tables(work: Path, df: pd.DataFrame, items: datasets.Dataset | None, tables: dict,
@@ -577,9 +666,9 @@ def _parse_delimiter(text: str) -> str:
 def _errors():
     """What the CLI reports in one line (exit status 2) instead of a traceback."""
     from p5rec.hub import ChecksumError
-    from p5rec.readers import DataFormatError
 
-    return (DataFormatError, PreprocessError, FileNotFoundError, FileExistsError, ChecksumError, KeyError, ValueError)
+    return (readers.DataFormatError, PreprocessError, FileNotFoundError, FileExistsError, ChecksumError, KeyError,
+            ValueError)
 
 
 def _fail(exc: Exception) -> int:
@@ -650,7 +739,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from p5rec import hub, readers
+    from p5rec import hub
 
     for e in hub.list_datasets():
         where = "embedded" if e.embedded else ("manual download" if e.manual else "download")

@@ -11,7 +11,7 @@ import logging
 
 import pandas as pd
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class PreprocessError(ValueError):
@@ -71,7 +71,7 @@ def kcore(df: pd.DataFrame, k: int = 5) -> tuple[pd.DataFrame, list[dict[str, in
             {"round": len(rounds) + 1, "users_removed": int(bad_users), "items_removed": int(bad_items),
              "rows_removed": removed}
         )
-        log.debug("k-core round %d: removed %d rows", len(rounds), removed)
+        logger.debug("k-core round %d: removed %d rows", len(rounds), removed)
         if len(cur) == 0:
             raise PreprocessError(
                 f"kcore(k={k}) left zero rows after {len(rounds)} round(s): no user/item set where each has >= {k} "

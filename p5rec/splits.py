@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 
@@ -81,7 +81,7 @@ def leave_one_out(df: pd.DataFrame) -> LeaveOneOut:
         for t in range(1, len(part)):
             tr_u.append(user), tr_h.append(part[:t]), tr_t.append(part[t])
     if short:
-        log.info("leave-one-out: %d users with < 3 interactions kept in train only", short)
+        logger.info("leave-one-out: %d users with < 3 interactions kept in train only", short)
 
     def frame(u, h, t):
         return pd.DataFrame({"user": pd.Series(u, dtype=object), "history": pd.Series(h, dtype=object),

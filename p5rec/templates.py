@@ -1207,7 +1207,8 @@ def _cmd_preview(args) -> int:
     except PreviewError as exc:
         return _preview_error(str(exc))
     if not rows:
-        print(f"{args.id}: nothing rendered on {args.dataset} ({args.split}): {stats or 'no records'}")
+        print(f"{args.id}: nothing rendered on {args.dataset} ({args.split}): {stats or 'no records'}",
+              file=sys.stderr)
         return 1
     t = ts.get(args.id)
     print(f"{t.id} {t.name} ({t.family}, {'seen' if t.seen else 'unseen'}, {t.scoring})")

@@ -1,12 +1,13 @@
 """Offline tokenizer: a SentencePiece unigram model trained on the project's own prompts, plus one token per id.
 
-Why this shape (see ../shared/TOOLCHAIN.md for the measurements):
+Why this shape:
 - Nothing can be downloaded, so the vocabulary is learnt from the rendered training prompts and targets.
 - ``split_digits=True``: in ``text`` id form (P5's scheme, ``item_1234``) every digit is its own piece, so an id
   always splits the same way (``▁item _ 1 2 3 4``) instead of into whatever digit chunks happened to be frequent.
 - In ``token`` id form (the default) each user/item id, or each level of a collaborative id, is an added token
   (``<u17>``, ``<i532>``, ``<a3><b0><c12>``): the target of a next-item prompt is one token, which is what lets a
-  small T5 trained from scratch on a CPU learn anything (digit ids stay at chance level in a CPU budget).
+  small T5 trained from scratch on a CPU learn anything (Beauty sequences, 15 min, 1.9 M T5: test HR@10 .0125 with
+  one token per item, .0035 with P5's digit ids, popularity .0140).
 
 transformers 5.x pitfalls avoided here: ``T5Tokenizer(vocab_file=...)`` silently ignores the file, and a directory
 holding only ``spiece.model`` does not load through ``AutoTokenizer``. We build the unigram tokenizer from the

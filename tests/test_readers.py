@@ -18,7 +18,8 @@ from p5rec.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 MI_FILE = REPO / "data" / "reviews_Musical_Instruments_5.json.gz"
-P5_BEAUTY = REPO.parent / "shared" / "data" / "p5-sequential" / "beauty"
+# P5's Beauty sequences where the registry's p5-beauty entry has the user put them ($P5REC_DATA/p5-beauty/)
+P5_BEAUTY = Path(os.environ["P5REC_DATA"]) / "p5-beauty" if os.environ.get("P5REC_DATA") else None
 
 
 def write_lines(path: Path, lines: list[str], encoding: str = "utf-8") -> Path:
@@ -465,7 +466,8 @@ def test_real_musical_instruments_counts():
     assert set(data.unique("rating")) <= {1.0, 2.0, 3.0, 4.0, 5.0}
 
 
-@pytest.mark.skipif(not P5_BEAUTY.is_dir(), reason=f"{P5_BEAUTY} not present")
+@pytest.mark.skipif(P5_BEAUTY is None or not P5_BEAUTY.is_dir(),
+                    reason="P5's Beauty sequences not present ($P5REC_DATA/p5-beauty/; `p5rec data list`)")
 def test_real_p5_beauty_counts():
     start = time.perf_counter()
     result = read("p5seq", P5_BEAUTY)
@@ -609,10 +611,10 @@ def test_every_format_is_described_for_data_list():
     assert set(readers.FORMAT_FILES) == set(readers.READERS.names())
 
 
-RECBOLE_ML100K = Path(os.environ.get("P5REC_RECBOLE_ML100K", REPO.parent / "shared" / "data" / "recbole" / "ml-100k"))
+RECBOLE_ML100K = Path(os.environ["P5REC_RECBOLE_ML100K"]) if os.environ.get("P5REC_RECBOLE_ML100K") else None
 
 
-@pytest.mark.skipif(not (RECBOLE_ML100K / "ml-100k.inter").is_file(),
+@pytest.mark.skipif(RECBOLE_ML100K is None or not (RECBOLE_ML100K / "ml-100k.inter").is_file(),
                     reason="RecBole's ml-100k atomic files not present (P5REC_RECBOLE_ML100K; bench/README.md)")
 def test_real_recbole_ml100k_counts():
     result = read("recbole", RECBOLE_ML100K)
