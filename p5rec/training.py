@@ -26,6 +26,9 @@ from p5rec.families import main_families, main_renders
 logger = logging.getLogger(__name__)
 
 
+ID_INITS = ("random", "collaborative", "typed", "typed-collaborative")
+
+
 @dataclass
 class ModelArguments:
     preset: str = field(default="mini", metadata={"help": "T5 shape: tiny, mini (CPU default), compact, small, base"})
@@ -63,12 +66,17 @@ class ModelArguments:
     )
     id_embedding_init: str = field(
         default="random",
-        metadata={"help": "random, or collaborative: the first --id_embedding_init_dims columns of each user and "
+        metadata={"help": "random; collaborative: the first --id_embedding_init_dims columns of each user and "
                   "item row start from the training interactions (log-count, rating bias, spectral factors of "
-                  "the user-item matrix; p5rec/warmstart.py)"},
+                  "the user-item matrix); typed: every item row one shared vector plus --id_type_noise noise "
+                  "(users: another); typed-collaborative: both (p5rec/warmstart.py)"},
     )
     id_embedding_init_dims: int = field(
         default=16, metadata={"help": "coordinates written by --id_embedding_init collaborative"}
+    )
+    id_type_noise: float = field(
+        default=0.2, metadata={"help": "typed id inits: per-id noise around the shared item (user) vector, relative "
+                               "to the embedding's scale"}
     )
     item_softmax: bool = field(
         default=False,
@@ -88,8 +96,8 @@ class ModelArguments:
             raise ValueError(f"--id_form {self.id_form!r}: choose token or text")
         if self.id_form != "token" and (self.id_embedding_lr_multiplier != 1.0 or self.id_embedding_init_std):
             raise ValueError("--id_embedding_lr_multiplier and --id_embedding_init_std need id tokens (--id_form token)")
-        if self.id_embedding_init not in ("random", "collaborative"):
-            raise ValueError(f"--id_embedding_init {self.id_embedding_init!r}: choose random or collaborative")
+        if self.id_embedding_init not in ID_INITS:
+            raise ValueError(f"--id_embedding_init {self.id_embedding_init!r}: choose one of {', '.join(ID_INITS)}")
         if self.id_embedding_init != "random" and self.id_form != "token":
             raise ValueError("--id_embedding_init collaborative needs id tokens (--id_form token)")
         if self.id_embedding_lr_multiplier <= 0 or self.embedding_lr_multiplier <= 0:
@@ -459,12 +467,15 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         with torch.no_grad():
             weight = model.get_input_embeddings().weight
             weight[id_rows] = torch.randn(len(id_rows), weight.shape[1]) * margs.id_embedding_init_std
-    if margs.id_embedding_init == "collaborative" and not targs.resume_from_checkpoint:
+    if margs.id_embedding_init != "random" and not targs.resume_from_checkpoint:
         from p5rec.warmstart import prepared_vectors, write_rows
 
-        mix_info["collaborative_rows"] = write_rows(
+        collab = margs.id_embedding_init in ("collaborative", "typed-collaborative")
+        mix_info["id_rows_written"] = write_rows(
             model.get_input_embeddings().weight, tokenizer, prepared.index,
-            prepared_vectors(prepared, margs.id_embedding_init_dims, targs.seed), users=not dargs.anonymous_users)
+            prepared_vectors(prepared, margs.id_embedding_init_dims, targs.seed) if collab else None,
+            users=not dargs.anonymous_users, typed=margs.id_type_noise if "typed" in margs.id_embedding_init else 0.0,
+            seed=targs.seed)
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
         if span is None:

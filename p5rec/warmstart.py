@@ -116,25 +116,41 @@ def prepared_vectors(prepared, dim: int = 16, seed: int = 0) -> IdVectors:
                                  dim, seed)
 
 
-def write_rows(weight, tokenizer, index, vectors: IdVectors, users: bool = True) -> int:
+def write_rows(weight, tokenizer, index, vectors: IdVectors | None, users: bool = True, typed: float = 0.0,
+               seed: int = 0) -> int:
     """Write ``vectors`` into the first ``vectors.dim`` columns of each flat id token's embedding row, at the scale
     of the rows' current entries. Returns how many rows were written. Multi-level ids (``<a3><b1>``) are refused:
-    a level token is shared by many items and has no vector of its own."""
+    a level token is shared by many items and has no vector of its own.
+
+    ``typed`` > 0 also makes the rest of each row one vector shared by every item (another for every user) plus
+    noise of ``typed`` times its scale: every id token then carries a common "this is an item" direction, which
+    attention can learn to find (as P5's whole-word embeddings mark an id's pieces), where independent random rows
+    give it nothing in common to look for."""
     import torch
 
     if any("-" in v for v in index.items.values()):
         raise ValueError("--id_embedding_init collaborative needs one token per item (--index random or sequential)")
-    if vectors.dim > weight.shape[1]:
+    if vectors is not None and vectors.dim > weight.shape[1]:
         raise ValueError(f"collaborative id vectors have {vectors.dim} coordinates; the embedding has {weight.shape[1]}")
-    sides = [(index.item_text, vectors.items)] + ([(index.user_text, vectors.users)] if users else [])
-    rows, values = [], []
-    for text, table in sides:
-        raws = sorted(table)
-        rows += tokenizer.convert_tokens_to_ids([text(r, "token") for r in raws])
-        values.append(np.stack([table[r] for r in raws]))
-    rows_t = torch.as_tensor(rows)
+    dim = vectors.dim if vectors is not None else 0
+    sides = [(index.item_text, sorted(index.items), vectors.items if vectors else None)]
+    if users:
+        sides.append((index.user_text, sorted(index.users), vectors.users if vectors else None))
+    rng = np.random.default_rng(seed)
+    written = 0
     with torch.no_grad():
-        scale = weight[rows_t].std().item()
-        weight[rows_t, : vectors.dim] = torch.as_tensor(np.concatenate(values), dtype=weight.dtype) * scale
-    logger.info("collaborative start: %d id rows, %d coordinates each, at scale %.3f", len(rows), vectors.dim, scale)
-    return len(rows)
+        scale = None
+        for text, raws, table in sides:
+            rows_t = torch.as_tensor(tokenizer.convert_tokens_to_ids([text(r, "token") for r in raws]))
+            scale = scale if scale is not None else weight[rows_t].std().item()
+            if table is not None:
+                weight[rows_t, :dim] = torch.as_tensor(np.stack([table[r] for r in raws]), dtype=weight.dtype) * scale
+            if typed > 0:
+                rest = weight.shape[1] - dim
+                shared = rng.standard_normal(rest)
+                noise = rng.standard_normal((len(raws), rest)) * typed
+                weight[rows_t, dim:] = torch.as_tensor((shared + noise) * scale, dtype=weight.dtype)
+            written += len(raws)
+    logger.info("id rows: %d written (%d coordinates from the interactions%s), scale %.3f", written, dim,
+                f", a shared type vector + {typed:g} noise" if typed > 0 else "", scale)
+    return written
