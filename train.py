@@ -12,7 +12,7 @@ All flags: `python train.py --help` (model, data and Seq2SeqTrainingArguments gr
 
 import sys
 
-from p5rec.training import main
+from p5rec.train.training import main
 
 if __name__ == "__main__":
     sys.exit(main())

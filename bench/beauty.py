@@ -125,7 +125,7 @@ def train_and_score(name: str, spec: dict, budget: dict, data: Path | None, work
                 "--per_device_eval_batch_size", "512", "--max_steps", str(steps), "--eval_steps", str(every),
                 "--save_steps", str(every), "--logging_steps", str(per_epoch), "--eval_users", "100000",
                 "--skip_test", "true", "--output_dir", str(run_dir), "--disable_tqdm", "true", *budget["extra"]]
-        from p5rec.training import last_checkpoint
+        from p5rec.train.training import last_checkpoint
 
         checkpoint = last_checkpoint(run_dir) if run_dir.is_dir() else None
         if checkpoint:
@@ -263,7 +263,7 @@ def comparison_plot(out: Path) -> Path | None:
     """Test HR@5/NDCG@5/HR@10/NDCG@10 of every p5rec row (its seen templates) beside SASRec and popularity, under
     P5's protocol (history items allowed): the run directories' results.png, for the benchmark's JSON files."""
     sys.path.insert(0, str(ROOT))
-    from p5rec.plots import Bar, Panel, bar_panels
+    from p5rec.eval.plots import Bar, Panel, bar_panels
 
     rows, pop = [], None
     for f in sorted(out.glob("*.json")):

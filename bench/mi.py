@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from p5rec.families import shipped_specs
+from p5rec.prompts.families import shipped_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -36,7 +36,7 @@ CONFIGS = {
     # fewer sequential/direct prompts, more rating and text ones: measured with one thread on a shared machine,
     # then made the default (the same mixture as "main" since)
     "rebalanced": ["--renders", "sequential=3,direct=2,rating=4,explanation=3,review=3"],
-    # id rows start from the training interactions (log-count, rating bias, spectral factors; p5rec/warmstart.py)
+    # id rows start from the training interactions (log-count, rating bias, spectral factors; p5rec/train/warmstart.py)
     "collab-init": ["--id_embedding_init", "collaborative"],
 }
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from p5rec.inference import P5Rec
-from p5rec.prepare import load_prepared
+from p5rec.serve.inference import P5Rec
+from p5rec.data.prepare import load_prepared
 
 
 def main() -> None:

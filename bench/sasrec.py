@@ -3,7 +3,7 @@
     python bench/sasrec.py --prepared DIR --epochs N --out bench/results/sasrec-<name>.json
 
 Reads ``DIR/sequential`` (a ``datasets.DatasetDict`` saved with ``save_to_disk``, design.md section 2)
-directly, so it does not depend on the rest of the preparation code. Protocol: :func:`p5rec.sasrec.evaluate_sasrec`
+directly, so it does not depend on the rest of the preparation code. Protocol: :func:`p5rec.eval.sasrec.evaluate_sasrec`
 (train on ``seq[:-2]``, early-stop on valid NDCG@10, score ``seq[:-1] -> seq[-1]``). The JSON holds the
 metrics (with and without history exclusion), the full config, wall-clock seconds, torch version, thread
 count and device, so a number can be traced back to how it was produced.
@@ -23,7 +23,7 @@ import datasets
 import torch
 
 from p5rec import __version__
-from p5rec import sasrec as S
+from p5rec.eval import sasrec as S
 
 logger = logging.getLogger("bench.sasrec")
 

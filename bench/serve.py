@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import p5rec
-    from p5rec.inference import P5Rec
+    from p5rec.serve.inference import P5Rec
     from p5rec.run import Run
 
     torch.set_num_threads(1)

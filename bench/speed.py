@@ -25,7 +25,7 @@ logger = logging.getLogger("bench.speed")
 
 
 def _prepared(cache: Path):
-    from p5rec.prepare import load_prepared, prepare
+    from p5rec.data.prepare import load_prepared, prepare
 
     out = cache / "prepared-mi"
     if not (out / "manifest.json").exists():
@@ -35,8 +35,8 @@ def _prepared(cache: Path):
 
 def bench_mixture(prepared, cache: Path) -> dict:
     """Render + tokenizer + tokenize once (miss), then load the cached mixture (hit)."""
-    from p5rec.mixture import MixtureSpec, build_mixture
-    from p5rec.templates import RenderConfig, load_templates
+    from p5rec.prompts.mixture import MixtureSpec, build_mixture
+    from p5rec.prompts.templates import RenderConfig, load_templates
 
     templates = load_templates()
     rc = RenderConfig(renders={"sequential": 6, "direct": 3})
@@ -58,7 +58,7 @@ def bench_train(tok, train, presets: list[str], steps: int, batch: int) -> list[
     """Optimizer steps on real mixture batches (AdamW, fp32), examples/s per preset."""
     from transformers import DataCollatorForSeq2Seq
 
-    from p5rec.model import build_model
+    from p5rec.train.model import build_model
 
     rows = []
     ds = train.shuffle(seed=0).select(range(steps * batch)).remove_columns(
@@ -89,9 +89,9 @@ def bench_train(tok, train, presets: list[str], steps: int, batch: int) -> list[
 
 def bench_decode(prepared, tok, preset: str, users: int, batch: int) -> list[dict]:
     """Users/s on the same (untrained) model and prompts: the cost of each decoding method, not its quality."""
-    from p5rec.decoding import ItemTrie, choice_logprobs, rank_items
-    from p5rec.model import build_model
-    from p5rec.templates import RenderConfig, load_templates, render_records
+    from p5rec.eval.decoding import ItemTrie, choice_logprobs, rank_items
+    from p5rec.train.model import build_model
+    from p5rec.prompts.templates import RenderConfig, load_templates, render_records
 
     torch.manual_seed(0)
     model = build_model(preset, tok).eval()
@@ -160,7 +160,7 @@ class TrieLogitsProcessor(LogitsProcessor):
 
 def _trie_beam(model, tok, src, trie, batch):
     """p5rec's own trie beam search (what evaluation uses for multi-token ids), forced on single-token ids."""
-    from p5rec.decoding import trie_beam_search
+    from p5rec.eval.decoding import trie_beam_search
 
     for i in range(0, len(src), batch):
         enc = tok(src[i : i + batch], return_tensors="pt", padding=True)

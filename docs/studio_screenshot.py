@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
 
-    from p5rec.httpserver import ServerThread
-    from p5rec.inference import P5Rec
+    from p5rec.serve.httpserver import ServerThread
+    from p5rec.serve.inference import P5Rec
     from p5rec.run import Run
-    from p5rec.serve import create_app, run_info
-    from p5rec.studio import Studio
+    from p5rec.serve.app import create_app, run_info
+    from p5rec.serve.studio import Studio
 
     run = Run.open(args.run, "cpu")
     # save_dir "." as `p5rec serve` has by default, so messages name "my_templates.yaml"; nothing is saved here

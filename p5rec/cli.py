@@ -13,15 +13,15 @@ import sys
 
 # sub-command -> module that defines it (module.add_cli(subparsers))
 COMMANDS = {
-    "data": "p5rec.prepare",
-    "templates": "p5rec.templates",
-    "train": "p5rec.training",
-    "evaluate": "p5rec.evaluation",
-    "predict": "p5rec.inference",
-    "serve": "p5rec.serve",
+    "data": "p5rec.data.prepare",
+    "templates": "p5rec.prompts.templates",
+    "train": "p5rec.train.training",
+    "evaluate": "p5rec.eval.evaluation",
+    "predict": "p5rec.serve.inference",
+    "serve": "p5rec.serve.app",
 }
 # sub-commands a module adds to another module's group: group -> modules (module.add_cli(the group's subparsers))
-SUBCOMMANDS = {"templates": ("p5rec.studio",)}
+SUBCOMMANDS = {"templates": ("p5rec.serve.studio",)}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -171,9 +171,9 @@ class Run:
         import torch
         from transformers import AutoTokenizer
 
-        from p5rec.indexing import Index
-        from p5rec.model import P5T5ForConditionalGeneration
-        from p5rec.templates import RenderConfig, TemplateError
+        from p5rec.data.indexing import Index
+        from p5rec.train.model import P5T5ForConditionalGeneration
+        from p5rec.prompts.templates import RenderConfig, TemplateError
 
         path = Path(path)
         config = read_run_config(path)
@@ -235,7 +235,7 @@ class Run:
     def trie(self):
         """The catalogue trie over the run's item surfaces (built once)."""
         if self._trie is None:
-            from p5rec.decoding import ItemTrie
+            from p5rec.eval.decoding import ItemTrie
 
             form = self.render_config.id_form
             self._trie = ItemTrie.from_surfaces(
@@ -245,7 +245,7 @@ class Run:
 
 def run_templates(config: dict):
     """The shipped templates plus the run's own ``--template_files``, as it trained with them."""
-    from p5rec.templates import load_templates
+    from p5rec.prompts.templates import load_templates
 
     extra = config.get("data", {}).get("template_files")
     return load_templates(paths=[Path(p) for p in extra.split(",")] if extra else None)
@@ -253,7 +253,7 @@ def run_templates(config: dict):
 
 def open_prepared_for(config: dict, fingerprint: str | None, where: Path):
     """Open ``config["prepared_dir"]`` and check its fingerprint against the run's (``where`` names the run)."""
-    from p5rec.prepare import PreparedError, load_prepared
+    from p5rec.data.prepare import PreparedError, load_prepared
 
     prepared_dir = Path(config["prepared_dir"])
     try:

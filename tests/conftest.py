@@ -33,7 +33,7 @@ def tiny_run(tmp_path_factory):
     change it). Logs to TensorBoard when a writer is installed (the test extra brings tensorboardX)."""
     import torch
 
-    from p5rec.training import main as train_main
+    from p5rec.train.training import main as train_main
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("runs") / "tiny"
@@ -49,7 +49,7 @@ def quick_run(tmp_path_factory) -> Path:
     copies it first (test_hostile_inputs.py)."""
     import torch
 
-    from p5rec.training import main as train_main
+    from p5rec.train.training import main as train_main
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("runs") / "quick"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
-from p5rec import baselines as B
-from p5rec.metrics import rating_metrics
+from p5rec.eval import baselines as B
+from p5rec.eval.metrics import rating_metrics
 
 # --------------------------------------------------------------------------------------------- popularity
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from p5rec import metrics
-from p5rec.decoding import ItemTrie, choice_logprobs, generate_text, rank_items
-from p5rec.model import build_model
-from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+from p5rec.eval import metrics
+from p5rec.eval.decoding import ItemTrie, choice_logprobs, generate_text, rank_items
+from p5rec.train.model import build_model
+from p5rec.prompts.tokenizer import build_tokenizer, train_sentencepiece
 
 WORDS = ["find the item", "recommend", "yes", "no", "next one please", "good strings"] * 20
 
@@ -105,7 +105,7 @@ def test_choice_logprobs_and_generation_shapes():
 def test_trie_beam_search_is_exact_when_exhaustive():
     """Beams >= items: every item comes back with log P(spelling + EOS | prompt) equal to the teacher-forced
     value, in the same order; narrower beams return true scores too. One item's spelling is a prefix of others'."""
-    from p5rec.decoding import _encode, _rank_by_loglik, trie_beam_search
+    from p5rec.eval.decoding import _encode, _rank_by_loglik, trie_beam_search
 
     surfaces = {**MULTI, "short": "<a2>"}
     tok, model = _setup(surfaces)
@@ -147,7 +147,7 @@ def _train_alternating(model, tok, surfaces, steps=300):
 
 
 def test_continuation_oracle_ranks_the_next_item_first():
-    from p5rec.decoding import continue_items
+    from p5rec.eval.decoding import continue_items
 
     surfaces = SINGLE
     tok, model = _setup(surfaces)
@@ -174,7 +174,7 @@ def test_continuation_oracle_ranks_the_next_item_first():
 def test_continuation_is_exact(surfaces):
     """Every item after every history comes back with log P(item's spelling | prompt, history) as teacher
     forcing computes it, in that order: histories of several lengths, in batches smaller than the set."""
-    from p5rec.decoding import _encode, _sequence_logprob, continue_items
+    from p5rec.eval.decoding import _encode, _sequence_logprob, continue_items
 
     tok, model = _setup(surfaces)
     model.eval()

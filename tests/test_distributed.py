@@ -84,7 +84,7 @@ def test_two_processes_resume_to_the_uninterrupted_weights(two_process_run, tmp_
 def test_cpu_launch_flags(monkeypatch, caplog):
     """Several processes and no GPU train on the CPU; `accelerate launch --cpu --num_processes N`, which starts one
     process, is said to."""
-    from p5rec.training import _cpu_processes
+    from p5rec.train.training import _cpu_processes
 
     for name in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
@@ -95,6 +95,6 @@ def test_cpu_launch_flags(monkeypatch, caplog):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu --num_processes 2` sets
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    with caplog.at_level("WARNING", logger="p5rec.training"):
+    with caplog.at_level("WARNING", logger="p5rec.train.training"):
         _cpu_processes()
     assert "started one process" in caplog.text and "configs/accelerate/cpu.yaml" in caplog.text

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from p5rec.evaluation import PROTOCOLS, EvalConfig, build_catalogue_trie, protocol_of, score_template
+from p5rec.eval.evaluation import PROTOCOLS, EvalConfig, build_catalogue_trie, protocol_of, score_template
 
 
 def _ranking(m: dict, ks=(1, 5, 10)) -> None:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from p5rec import explain
-from p5rec.explain import EXTRACTORS, FeatureOpinionExtractor, coverage, split_sentences
+from p5rec.data import explain
+from p5rec.data.explain import EXTRACTORS, FeatureOpinionExtractor, coverage, split_sentences
 
 CORPUS = [
     "The strings sound great. I bought them last week.",

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-import p5rec.families as F
-import p5rec.templates as T
-from p5rec.evaluation import protocol_of, results_markdown
-from p5rec.prepare import FAMILY_DIRS
+import p5rec.prompts.families as F
+import p5rec.prompts.templates as T
+from p5rec.eval.evaluation import protocol_of, results_markdown
+from p5rec.data.prepare import FAMILY_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_a_new_family_is_a_folder_trained_and_evaluated_without_python(tmp_path)
     import torch
 
     from p5rec.cli import main as cli
-    from p5rec.training import main as train_main
+    from p5rec.train.training import main as train_main
     torch.set_num_threads(1)
     folder = tmp_path / "tasks" / "stars"
     folder.mkdir(parents=True)
@@ -206,8 +206,8 @@ def test_a_new_family_is_a_folder_trained_and_evaluated_without_python(tmp_path)
 
 
 def test_p5rec_defaults_are_the_roles_the_specs_declare():
-    from p5rec.inference import P5Rec
-    from p5rec.templates import RenderConfig
+    from p5rec.serve.inference import P5Rec
+    from p5rec.prompts.templates import RenderConfig
 
     class Index:
         users, items = {"u1": 0}, {"i1": 0}
@@ -229,7 +229,7 @@ def test_p5rec_defaults_are_the_roles_the_specs_declare():
 
 
 def test_a_bad_family_file_stops_training_with_one_line(tmp_path, capsys):
-    from p5rec.training import main as train_main
+    from p5rec.train.training import main as train_main
 
     bad = _family_file(tmp_path, "family: stars\ndata: rating\nrenders: many\n")
     assert train_main(TINY + ["--output_dir", str(tmp_path / "run"), "--template_files", str(bad)]) == 2
@@ -238,7 +238,7 @@ def test_a_bad_family_file_stops_training_with_one_line(tmp_path, capsys):
 
 
 def test_a_baseline_with_an_unknown_method_is_refused_naming_the_file(tmp_path):
-    from p5rec.evaluation import EvalConfig, run_baselines
+    from p5rec.eval.evaluation import EvalConfig, run_baselines
     from template_fixtures import FakePrepared
 
     path = _family_file(tmp_path, "family: stars\ndata: rating\nprotocols:\n  rating: {metrics: [RMSE], "

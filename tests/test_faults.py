@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from p5rec.prepare import load_prepared, prepare
-from p5rec.training import OutputDirError, last_checkpoint
-from p5rec.training import main as train_main
+from p5rec.data.prepare import load_prepared, prepare
+from p5rec.train.training import OutputDirError, last_checkpoint
+from p5rec.train.training import main as train_main
 from test_prepare import write_amazon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ KILL_AT = "checkpoint-18"  # killed after writing this checkpoint's weights, bef
 TRAIN_CHILD = textwrap.dedent("""\
     import os, sys, time
     from pathlib import Path
-    from p5rec.trainer import P5Trainer
-    from p5rec.training import main
+    from p5rec.train.trainer import P5Trainer
+    from p5rec.train.training import main
     stop_in, signal_file = sys.argv[1], Path(sys.argv[2])
     save_model = P5Trainer.save_model
     def save_then_wait(self, output_dir=None, _internal_call=False):
@@ -57,7 +57,7 @@ TRAIN_CHILD = textwrap.dedent("""\
 PREPARE_CHILD = textwrap.dedent("""\
     import os, sys, time
     from pathlib import Path
-    import p5rec.prepare as P
+    import p5rec.data.prepare as P
     signal_file = Path(sys.argv[3])
     def hash_then_wait(ds):
         signal_file.write_text(str(os.getpid()))
@@ -144,7 +144,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(killed_run, tmp_pat
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    from p5rec.training import is_checkpoint
+    from p5rec.train.training import is_checkpoint
 
     return is_checkpoint(path) and (path / "optimizer.pt").exists()
 
@@ -190,7 +190,7 @@ def test_a_runs_log_is_its_own(tmp_path):
     """Two runs in one process: the second run's lines never reach the first run's train_log.txt."""
     import logging
 
-    from p5rec.training import _add_file_log
+    from p5rec.train.training import _add_file_log
 
     root = logging.getLogger()
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from p5rec import templates as T
+from p5rec.prompts import templates as T
 from p5rec.cli import main as cli
-from p5rec.readers import DataFormatError, read
+from p5rec.data.readers import DataFormatError, read
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_preview_dataset_that_is_not_prepared(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def p5seq_prepared(tmp_path_factory):
     """A prepared P5 sequence dataset: sequential and direct only (no ratings, no text)."""
-    from p5rec.prepare import prepare
+    from p5rec.data.prepare import prepare
 
     base = tmp_path_factory.mktemp("p5seq")
     (base / "raw").mkdir()
@@ -363,7 +363,7 @@ def test_damaged_run_file_is_one_line_naming_it(quick_run, tmp_path, capsys, nam
 
 
 def test_damaged_prepared_manifest_is_one_line_naming_it(quick_run, tmp_path, capsys):
-    from p5rec.prepare import PreparedError, load_prepared
+    from p5rec.data.prepare import PreparedError, load_prepared
     from p5rec.run import Run, RunError
 
     source = Path(json.loads((quick_run / "run_config.json").read_text())["prepared_dir"])
@@ -393,7 +393,7 @@ def test_damaged_prepared_manifest_is_one_line_naming_it(quick_run, tmp_path, ca
 def test_resume_from_corrupt_optimizer_is_refused_before_training(quick_run, tmp_path, capsys, damage):
     from test_pipeline import TINY
 
-    from p5rec.training import main as train_main
+    from p5rec.train.training import main as train_main
 
     checkpoint = Path(shutil.copytree(quick_run / "checkpoint-2", tmp_path / "checkpoint-2"))
     optimizer = checkpoint / "optimizer.pt"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from p5rec import hub, readers
-from p5rec.hub import ChecksumError, DatasetNotAvailable, resolve
+from p5rec.data import hub, readers
+from p5rec.data.hub import ChecksumError, DatasetNotAvailable, resolve
 
 REVIEWS = [
     {"reviewerID": "U1", "asin": "A1", "overall": 5.0, "unixReviewTime": 10, "summary": "s"},

@@ -5,8 +5,8 @@ import logging
 import numpy as np
 import pytest
 
-from p5rec.indexing import Index, collaborative_ids, cooccurrence, fit_index
-from p5rec.splits import training_part
+from p5rec.data.indexing import Index, collaborative_ids, cooccurrence, fit_index
+from p5rec.data.splits import training_part
 
 
 def toy_sequences(seed=0, n_users=90, n_groups=4, group_size=30):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from p5rec import metrics as M
+from p5rec.eval import metrics as M
 
 # --------------------------------------------------------------------------------------------- ranking
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from p5rec.model import PRESETS, build_model, load_pretrained, t5_config
-from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+from p5rec.train.model import PRESETS, build_model, load_pretrained, t5_config
+from p5rec.prompts.tokenizer import build_tokenizer, train_sentencepiece
 
 CORPUS = ["the strings sound great", "a cheap cable that works", "my amp hums a little"] * 20
 

@@ -10,7 +10,7 @@ import pytest
 
 from p5rec import atomic
 from p5rec.cli import main as cli
-from p5rec.evaluation import EvalConfig, is_partial, results_path
+from p5rec.eval.evaluation import EvalConfig, is_partial, results_path
 
 
 # --- p5rec.atomic ------------------------------------------------------------------------------------------------

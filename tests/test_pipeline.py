@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from p5rec.training import main as train_main
+from p5rec.train.training import main as train_main
 
 from conftest import TINY
 
@@ -57,7 +57,7 @@ def test_reload_reproduces_the_runs_predictions(run_dir, tmp_path):
     before = json.loads((run_dir / "results.json").read_text())
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
-    from p5rec.evaluation import EvalConfig, results_path
+    from p5rec.eval.evaluation import EvalConfig, results_path
 
     full = (copy / "results.json").read_bytes()
     templates = ("2-1", "2-7", "1-1", "3-1", "4-1", "5-5", "5-1")
@@ -90,7 +90,7 @@ def test_resume_gives_the_same_model(run_dir, tmp_path):
 
 def test_predict_api_and_cli_agree(run_dir, capsys):
     from p5rec.cli import main as cli
-    from p5rec.inference import P5Rec, UnknownIdError
+    from p5rec.serve.inference import P5Rec, UnknownIdError
 
     rec = P5Rec.from_pretrained(run_dir)
     index = json.loads((run_dir / "index.json").read_text())

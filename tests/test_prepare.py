@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from p5rec.cli import main
-from p5rec.prepare import FAMILY_DIRS, load_prepared, prepare
+from p5rec.data.prepare import FAMILY_DIRS, load_prepared, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 MI = ROOT / "data" / "reviews_Musical_Instruments_5.json.gz"
@@ -183,7 +183,7 @@ def test_cli_delimiter_flag(tmp_path, capsys):
                  "--n-negatives", "2", "--out", str(tmp_path / "o")]) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["counts"]["before"]["interactions"] == 20 and manifest["params"]["delimiter"] == "|"
-    from p5rec.prepare import _parse_delimiter
+    from p5rec.data.prepare import _parse_delimiter
 
     assert _parse_delimiter("\\t") == "\t" == _parse_delimiter("tab")  # `--delimiter '\t'` as typed in a shell
     with pytest.raises(SystemExit):
@@ -255,7 +255,7 @@ def test_prepare_replaces_its_own_output_only_with_overwrite(amazon, tmp_path, c
 def test_older_outputs_are_recognised_and_keep_their_fingerprint(amazon, tmp_path):
     """Outputs written before the "kind" marker are still p5rec's own, and the marker is not part of the
     fingerprint, so runs trained on older preparations still match them."""
-    from p5rec.prepare import fingerprint, is_prepared_output
+    from p5rec.data.prepare import fingerprint, is_prepared_output
 
     src, _ = amazon
     out = prepare(src, tmp_path / "out", k=2, n_negatives=2, seed=3)

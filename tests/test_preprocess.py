@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from p5rec.preprocess import PreprocessError, deduplicate, kcore, time_order
+from p5rec.data.preprocess import PreprocessError, deduplicate, kcore, time_order
 
 
 def frame(rows):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from p5rec import readers
-from p5rec.readers import INTERACTION_FEATURES, ITEM_FEATURES, DataFormatError, detect_format, read
+from p5rec.data import readers
+from p5rec.data.readers import INTERACTION_FEATURES, ITEM_FEATURES, DataFormatError, detect_format, read
 from p5rec.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def test_malformed_line_names_file_and_line(tmp_path, bad_line, expected):
 def test_skip_counts_malformed_lines(tmp_path, caplog):
     lines = AMAZON2014_REVIEWS + ["not json", json.dumps({"reviewerID": "U9", "overall": 2.0}), "{}"]
     path = write_lines(tmp_path / "reviews_X.json.gz", lines)
-    with caplog.at_level("WARNING", logger="p5rec.readers"):
+    with caplog.at_level("WARNING", logger="p5rec.data.readers"):
         result = read("amazon2014", path, on_error="skip")
     assert result.counts["read"] == 6
     assert result.counts["malformed"] == 3
@@ -514,7 +514,7 @@ def write_recbole_ml100k(folder: Path) -> Path:
 def test_recbole_folder_or_inter_file(tmp_path, caplog):
     folder = write_recbole_ml100k(tmp_path / "ml-100k")
     assert detect_format(folder) == "recbole" and detect_format(folder / "ml-100k.inter") == "recbole"
-    with caplog.at_level("INFO", logger="p5rec.readers"):
+    with caplog.at_level("INFO", logger="p5rec.data.readers"):
         result = read("recbole", folder)
     assert "ml-100k.user" in caplog.text  # named as not read, never dropped in silence
     assert_canonical(result)

@@ -1,7 +1,7 @@
 """The results report flags degenerate generated text (one output for nearly every case)."""
 
-from p5rec import metrics
-from p5rec.evaluation import DEGENERATE_DISTINCT2, degenerate_templates, results_markdown
+from p5rec.eval import metrics
+from p5rec.eval.evaluation import DEGENERATE_DISTINCT2, degenerate_templates, results_markdown
 
 REFS = ["great strings for the price", "the strap broke after a week", "warm tone, quiet pedal",
         "cheap cable but solid plugs", "stays in tune all night"] * 20

@@ -8,8 +8,8 @@ import struct
 import pytest
 import yaml
 
-from p5rec import modelcard, plots
-from p5rec.training import clear_run_files, is_run_file
+from p5rec.eval import modelcard, plots
+from p5rec.train.training import clear_run_files, is_run_file
 
 from conftest import HAS_TENSORBOARD
 
@@ -56,7 +56,7 @@ def test_model_card_metadata_and_body_come_from_the_run(tiny_run):
 
 
 def test_card_is_refreshed_by_evaluation_and_never_replaces_a_users_readme(tiny_run, tmp_path):
-    from p5rec.evaluation import EvalConfig, evaluate_run
+    from p5rec.eval.evaluation import EvalConfig, evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))

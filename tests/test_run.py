@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from p5rec.training import main as train_main
+from p5rec.train.training import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "samples" / "mi_tiny.json.gz"
@@ -71,8 +71,8 @@ def test_sequence_run_records_and_scores_the_continuation_protocol(seq_run):
 
 
 def test_recommend_continues_the_history(seq_run):
-    from p5rec.decoding import continue_items
-    from p5rec.inference import P5Rec
+    from p5rec.eval.decoding import continue_items
+    from p5rec.serve.inference import P5Rec
 
     rec = P5Rec.from_pretrained(seq_run)
     items = sorted(rec.index.items)

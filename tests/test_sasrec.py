@@ -8,8 +8,8 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from p5rec import sasrec as S
-from p5rec.baselines import popularity_sequential
+from p5rec.eval import sasrec as S
+from p5rec.eval.baselines import popularity_sequential
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from p5rec import templates as T
-from p5rec.templates import RenderConfig, load_templates, render_split, validate
+from p5rec.prompts import templates as T
+from p5rec.prompts.templates import RenderConfig, load_templates, render_split, validate
 
 from template_fixtures import SEQUENCES, FakePrepared
 
@@ -113,8 +113,8 @@ def test_validation_rejects_a_sequence_template_whose_prompt_names_items(tmp_pat
 
 
 def test_tokenized_sequences_keep_every_item_and_drop_eos(shipped, prepared):
-    from p5rec.mixture import MixtureSpec, tokenize
-    from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+    from p5rec.prompts.mixture import MixtureSpec, tokenize
+    from p5rec.prompts.tokenizer import build_tokenizer, train_sentencepiece
 
     ids = [f"<i{i}>" for i in range(1, 21)]
     tok = build_tokenizer(train_sentencepiece(["list the items interacted with oldest first"] * 50, 60), ids)
@@ -136,7 +136,7 @@ def test_tokenized_sequences_keep_every_item_and_drop_eos(shipped, prepared):
 
 # ------------------------------------------------------------------ the item-restricted softmax
 def test_item_softmax_loss_matches_its_definition():
-    from p5rec.model import item_softmax_loss
+    from p5rec.train.model import item_softmax_loss
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(2, 4, 8), torch.randn(30, 8)
@@ -159,7 +159,7 @@ def test_item_softmax_loss_matches_its_definition():
 def test_model_with_item_range_trains_on_that_loss_and_loads_as_plain_t5(tmp_path):
     from transformers import T5ForConditionalGeneration
 
-    from p5rec.model import P5T5ForConditionalGeneration, item_softmax_loss, t5_config
+    from p5rec.train.model import P5T5ForConditionalGeneration, item_softmax_loss, t5_config
 
     torch.manual_seed(0)
     model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
@@ -182,8 +182,8 @@ def test_model_with_item_range_trains_on_that_loss_and_loads_as_plain_t5(tmp_pat
 
 
 def test_item_token_range_of_added_tokens():
-    from p5rec.model import item_token_range
-    from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+    from p5rec.train.model import item_token_range
+    from p5rec.prompts.tokenizer import build_tokenizer, train_sentencepiece
 
     users, items = [f"<u{i}>" for i in range(3)], [f"<i{i}>" for i in range(5)]
     tok = build_tokenizer(train_sentencepiece(["a few words here"] * 20, 40), users + items)
@@ -195,8 +195,8 @@ def test_item_token_range_of_added_tokens():
 def test_embedding_gets_its_own_learning_rate(tmp_path):
     from transformers import Seq2SeqTrainingArguments
 
-    from p5rec.model import P5T5ForConditionalGeneration, t5_config
-    from p5rec.trainer import P5Trainer
+    from p5rec.train.model import P5T5ForConditionalGeneration, t5_config
+    from p5rec.train.trainer import P5Trainer
 
     model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to="none")
@@ -214,7 +214,7 @@ def test_embedding_gets_its_own_learning_rate(tmp_path):
 def test_id_rows_step_like_a_larger_learning_rate_of_their_own(multiplier):
     """scale_row_steps on AdamW (weight decay on) gives the same trajectory as the rows in a parameter group
     with ``multiplier`` times the learning rate, over steps whose gradients depend on the weights."""
-    from p5rec.trainer import scale_row_steps
+    from p5rec.train.trainer import scale_row_steps
 
     torch.manual_seed(0)
     init, target = torch.randn(10, 4), torch.randn(10, 4)
@@ -238,7 +238,7 @@ def test_id_rows_step_like_a_larger_learning_rate_of_their_own(multiplier):
 
 
 def test_id_rows_flags_need_id_tokens():
-    from p5rec.training import ModelArguments
+    from p5rec.train.training import ModelArguments
 
     with pytest.raises(ValueError, match="id_form token"):
         ModelArguments(id_form="text", id_embedding_lr_multiplier=8.0)
@@ -247,7 +247,7 @@ def test_id_rows_flags_need_id_tokens():
 
 
 def test_sequence_rows_default_on_only_when_a_sequence_template_is_named():
-    from p5rec.training import DataArguments
+    from p5rec.train.training import DataArguments
 
     shipped = load_templates()
     assert DataArguments().sequence_render_count(shipped) == 0  # the main job's mixture

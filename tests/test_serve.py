@@ -23,11 +23,11 @@ from p5rec.cli import main as cli  # noqa: E402
 def served(tiny_run, tmp_path_factory):
     """(server, client, P5Rec, run) over the tiny run; the batch window is wide (40 ms) so that concurrent
     requests of the batching tests meet in one window even on a loaded machine."""
-    from p5rec.httpserver import ServerThread
-    from p5rec.inference import P5Rec
+    from p5rec.serve.httpserver import ServerThread
+    from p5rec.serve.inference import P5Rec
     from p5rec.run import Run
-    from p5rec.serve import create_app, run_info
-    from p5rec.studio import Studio
+    from p5rec.serve.app import create_app, run_info
+    from p5rec.serve.studio import Studio
 
     run = Run.open(tiny_run, device="cpu")
     rec = P5Rec.from_run(run)
@@ -215,7 +215,7 @@ def test_a_refused_request_does_not_sink_its_batch(served, ids):
 def test_a_failing_batch_does_not_stop_the_worker():
     """An error inside the batched call (a bug, not a bad request) fails that batch's requests; the next batch is
     answered."""
-    from p5rec.serve import Batcher
+    from p5rec.serve.app import Batcher
 
     calls = []
 
@@ -245,7 +245,7 @@ def test_a_failing_batch_does_not_stop_the_worker():
 def test_a_lone_client_does_not_wait_for_the_window():
     """One request at a time: no company is coming, so the (here very long) window is skipped; concurrent requests
     still wait for each other."""
-    from p5rec.serve import Batcher
+    from p5rec.serve.app import Batcher
 
     async def main():
         batcher = Batcher(lambda requests: [{"ok": True} for _ in requests], max_batch=8, window_ms=2000)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from p5rec.splits import leave_one_out, make_candidates, ratio_split, sample_negatives
+from p5rec.data.splits import leave_one_out, make_candidates, ratio_split, sample_negatives
 
 
 def test_leave_one_out_tables():

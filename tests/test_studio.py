@@ -51,8 +51,8 @@ def prepared_dir(tiny_run) -> Path:
 @pytest.fixture(scope="module")
 def studio(prepared_dir, tmp_path_factory):
     """(server, client, save_dir): the standalone studio over the tiny run's prepared data."""
-    from p5rec.httpserver import ServerThread
-    from p5rec.studio import Studio, create_app
+    from p5rec.serve.httpserver import ServerThread
+    from p5rec.serve.studio import Studio, create_app
 
     save_dir = tmp_path_factory.mktemp("saved")
     server = ServerThread(create_app(Studio.for_dataset(prepared_dir, save_dir))).start()
@@ -97,8 +97,8 @@ def test_render_maps_ids_back_to_raw_ids(studio, ids):
 
 
 def test_draft_problems_read_as_the_cli_prints_them(studio, tmp_path, capsys):
-    from p5rec.httpserver import ServerThread
-    from p5rec.studio import Studio, create_app
+    from p5rec.serve.httpserver import ServerThread
+    from p5rec.serve.studio import Studio, create_app
 
     _, client, _ = studio
     for text, kind in ((BROKEN, "jinja"), (SANDBOX, "sandbox")):
@@ -150,7 +150,7 @@ def test_save_never_overwrites_unless_told(studio):
         assert r.status_code == 422 and r.json()["field"] == "filename", name
     assert sorted(p.name for p in save_dir.iterdir()) == ["mine.yaml"]  # no temporary left behind
     # what train.py --template_files loads, and the CLI validates and previews
-    from p5rec.templates import load_templates
+    from p5rec.prompts.templates import load_templates
 
     assert "my-1" in load_templates(paths=[target])
     assert cli(["templates", "validate", str(target)]) == 0
@@ -235,8 +235,8 @@ def test_studio_page_in_chromium(studio, ids, tmp_path):
 ])
 def test_id_mapper_finds_every_surface(form, text):
     """Collaborative ids are runs of level tokens, and one id may begin another's text form: each is found whole."""
-    from p5rec.indexing import Index
-    from p5rec.studio import IdMapper
+    from p5rec.data.indexing import Index
+    from p5rec.serve.studio import IdMapper
 
     index = Index("collaborative", {"U17": "17"}, {"A": "3-0-12", "B": "3-0-1", "C": "9"})
     segments = IdMapper(index, form, {"A": "Strings"}).segments(text)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from p5rec import templates as T
-from p5rec.templates import RenderConfig, load_templates, make_context, render_records, render_split, validate
+from p5rec.prompts import templates as T
+from p5rec.prompts.templates import RenderConfig, load_templates, make_context, render_records, render_split, validate
 
 from template_fixtures import FakeIndex, FakePrepared
 
@@ -187,8 +187,8 @@ def test_token_and_text_forms(shipped):
 
 
 def test_anonymous_users_leave_no_user_id_or_name(shipped):
-    from p5rec.mixture import id_tokens
-    from p5rec.templates import ANONYMOUS_USER
+    from p5rec.prompts.mixture import id_tokens
+    from p5rec.prompts.templates import ANONYMOUS_USER
 
     cfg = RenderConfig(anonymous_users=True)
     rec = {"user": "U3", "user_name": "Ann", "history": ["A5", "A9"], "target": "A2"}
@@ -197,7 +197,7 @@ def test_anonymous_users_leave_no_user_id_or_name(shipped):
     [(src, _)] = render_records(shipped.get("2-3"), [rec], FakeIndex(), cfg)
     assert "Ann" not in src and src.startswith(ANONYMOUS_USER)
     # and the tokenizer gets no user tokens
-    from p5rec.indexing import Index
+    from p5rec.data.indexing import Index
 
     index = Index("random", {"U3": "1", "U4": "2"}, {"A5": "1", "A9": "2"})
     assert id_tokens(index, "token", users=False) == ["<i1>", "<i2>"]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from p5rec.prepare import load_prepared, prepare
-from p5rec.templates import RenderConfig, load_templates, render_split
+from p5rec.data.prepare import load_prepared, prepare
+from p5rec.prompts.templates import RenderConfig, load_templates, render_split
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "samples" / "mi_tiny.json.gz"
 

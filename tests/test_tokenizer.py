@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from p5rec.tokenizer import build_tokenizer, train_sentencepiece
+from p5rec.prompts.tokenizer import build_tokenizer, train_sentencepiece
 
 CORPUS = [
     "great guitar strings, they sound bright and stay in tune",
@@ -52,12 +52,12 @@ def test_empty_corpus_is_a_clear_error():
 def test_mixture_tokenize_cuts_long_rows_like_the_tokenizer_and_says_so(caplog):
     from datasets import Dataset
 
-    from p5rec.mixture import MixtureSpec, tokenize
+    from p5rec.prompts.mixture import MixtureSpec, tokenize
 
     tok = build_tokenizer(train_sentencepiece(CORPUS, vocab_size=120))
     ds = Dataset.from_dict({"source": ["great guitar strings " * 20, "cheap cable"], "target": ["5", "the plugs " * 20]})
     spec = MixtureSpec(max_source_length=16, max_target_length=8)
-    with caplog.at_level("WARNING", logger="p5rec.mixture"):
+    with caplog.at_level("WARNING", logger="p5rec.prompts.mixture"):
         out = tokenize(ds, tok, spec, "tokenizing test")
     ref = tok(list(ds["source"]), truncation=True, max_length=16)["input_ids"]
     assert out["input_ids"] == ref and len(out["input_ids"][0]) == 16 and out["input_ids"][0][-1] == tok.eos_token_id

@@ -1,10 +1,10 @@
-"""The collaborative start of the id rows (``--id_embedding_init collaborative``, p5rec/warmstart.py)."""
+"""The collaborative start of the id rows (``--id_embedding_init collaborative``, p5rec/train/warmstart.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from p5rec.warmstart import SCALAR_FEATURES, collaborative_vectors, write_rows
+from p5rec.train.warmstart import SCALAR_FEATURES, collaborative_vectors, write_rows
 
 # two communities: users a* buy items x*, users b* buy items y*; x0 is bought by every a-user (popular)
 PAIRS = [(u, i) for u in ("a1", "a2", "a3") for i in ("x0", "x1", "x2")] + [("a4", "x0")]

@@ -2,7 +2,7 @@
 
     p5rec serve --run runs/<run> --port 8000          # then http://127.0.0.1:8000/docs (OpenAPI), /studio
 
-One endpoint per :class:`~p5rec.inference.P5Rec` task, raw ids in and raw ids out:
+One endpoint per :class:`~p5rec.serve.inference.P5Rec` task, raw ids in and raw ids out:
 
 | endpoint | P5Rec method | body (JSON object) |
 |---|---|---|
@@ -14,13 +14,13 @@ One endpoint per :class:`~p5rec.inference.P5Rec` task, raw ids in and raw ids ou
 | ``POST /review_rating`` | ``rate_review_batch`` | ``review``, ``user`` |
 
 plus ``GET /health`` (liveness and batching statistics) and ``GET /run`` (dataset, fingerprint, families, the run's
-test metrics). A body is checked by the same :func:`~p5rec.inference.check_request` as ``p5rec predict --input``
-and its ids by :meth:`~p5rec.inference.P5Rec.check_ids` before it is queued; a bad one is answered 400 (not a
+test metrics). A body is checked by the same :func:`~p5rec.serve.inference.check_request` as ``p5rec predict --input``
+and its ids by :meth:`~p5rec.serve.inference.P5Rec.check_ids` before it is queued; a bad one is answered 400 (not a
 JSON object) or 422 (a field: missing, wrong type, bad value, unknown id) with ``{"error": ..., "field": ...}``.
 
 Batching: every checked request goes into one queue. One worker takes the first request waiting, waits at most
 ``window_ms`` for more (up to ``max_batch``; the wait is skipped while only one request at a time has been in
-flight, so a lone client pays no window), and answers them with one :meth:`~p5rec.inference.P5Rec.answer_batch`
+flight, so a lone client pays no window), and answers them with one :meth:`~p5rec.serve.inference.P5Rec.answer_batch`
 call in a thread, so the event loop keeps accepting requests meanwhile; requests that arrive while a batch decodes
 form the next one. The model is loaded once and only this worker calls it, so decoding never runs twice at once.
 A request the batch call refuses gets its own 422; anything else that goes wrong in a batch is a 500 for that
@@ -311,13 +311,13 @@ def _error(status: int, message: str, field_name: str | None = None):
 
 def create_app(rec, info: dict | None = None, *, max_batch: int = 64, window_ms: float = 5.0, max_k: int = 100,
                studio=None):
-    """The FastAPI app answering with ``rec`` (a :class:`~p5rec.inference.P5Rec`); ``info`` is ``GET /run``'s
-    body; ``studio`` (a :class:`p5rec.studio.Studio`) adds the template studio at ``/studio``."""
+    """The FastAPI app answering with ``rec`` (a :class:`~p5rec.serve.inference.P5Rec`); ``info`` is ``GET /run``'s
+    body; ``studio`` (a :class:`p5rec.serve.studio.Studio`) adds the template studio at ``/studio``."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from p5rec.inference import REFUSED, RequestError, UnknownIdError, _message, check_request
+    from p5rec.serve.inference import REFUSED, RequestError, UnknownIdError, _message, check_request
 
     batcher = Batcher(rec.answer_batch, max_batch=max_batch, window_ms=window_ms)
     started = time.time()
@@ -405,7 +405,7 @@ def create_app(rec, info: dict | None = None, *, max_batch: int = 64, window_ms:
     if studio is not None:
         from fastapi.exceptions import RequestValidationError
 
-        from p5rec.studio import validation_error_handler
+        from p5rec.serve.studio import validation_error_handler
 
         app.add_exception_handler(RequestValidationError, validation_error_handler)
         app.include_router(studio.router(), prefix="/studio")
@@ -438,8 +438,8 @@ def _fail(message: str) -> int:
 
 
 def _cli(args) -> int:
-    from p5rec.httpserver import is_loopback, listen, run_server
-    from p5rec.inference import P5Rec
+    from p5rec.serve.httpserver import is_loopback, listen, run_server
+    from p5rec.serve.inference import P5Rec
     from p5rec.run import Run, RunError
 
     if not args.no_studio and not args.save_dir.is_dir():
@@ -459,7 +459,7 @@ def _cli(args) -> int:
             return _fail(str(exc))
         studio = None
         if not args.no_studio:
-            from p5rec.studio import Studio, StudioError
+            from p5rec.serve.studio import Studio, StudioError
 
             try:
                 studio = Studio.for_run(run, dataset=args.dataset, save_dir=args.save_dir)

@@ -2,7 +2,7 @@
 
 Inputs are the prepared split tables of design.md section 2 (``datasets.Dataset``; a mapping of column name
 to list works too), with raw string ids. Every baseline returns predictions in the form the model's
-evaluation produces (ranked id lists, ratings, texts), so :mod:`p5rec.metrics` scores both alike.
+evaluation produces (ranked id lists, ratings, texts), so :mod:`p5rec.eval.metrics` scores both alike.
 
 * Ranking: :func:`popularity_ranking` (sequential, full ranking), :func:`popularity_direct` (100 candidates).
 * Rating: :func:`global_mean_rating`, :class:`BiasedMF` (mu + b_u + b_i [+ p_u.q_i], ALS in numpy).
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from p5rec.metrics import rank_from_scores, ranking_metrics, ranking_metrics_from_ranks, rouge_tokenize
+from p5rec.eval.metrics import rank_from_scores, ranking_metrics, ranking_metrics_from_ranks, rouge_tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def popularity_sequential(
 
     Returns:
         ``{"exclude_history": metrics, "no_exclusion": metrics}``, metrics from
-        :func:`p5rec.metrics.ranking_metrics` plus ``"n"``.
+        :func:`p5rec.eval.metrics.ranking_metrics` plus ``"n"``.
     """
     if train_items is None:
         train_items = _sequential_train_items(sequential_dd)
@@ -221,7 +221,7 @@ class BiasedMF:
         n_iters, tol, seed, init_scale: ALS sweeps, early-stop tolerance, RNG seed, factor init std.
 
     ``predict`` gives an unknown user (item) bias 0 and factor 0; predictions are not clipped
-    (:func:`p5rec.metrics.rating_metrics` clips to the rating range).
+    (:func:`p5rec.eval.metrics.rating_metrics` clips to the rating range).
     """
 
     def __init__(

@@ -93,14 +93,14 @@ def _specs(template_files: str | None) -> dict:
 
 def _spec(config: dict, family: str):
     """The family's spec as the run knew it (its own --template_files included); a bare one if it is unknown."""
-    from p5rec.families import FamilySpec
+    from p5rec.prompts.families import FamilySpec
 
     return _specs(config.get("data", {}).get("template_files")).get(family) or FamilySpec(
         family, family, {}, "", task=family)
 
 
 def _roles(config: dict) -> set[str]:
-    """The P5Rec roles (p5rec.families.ROLES) some trained family of the run fills."""
+    """The P5Rec roles (p5rec.prompts.families.ROLES) some trained family of the run fills."""
     return {role for f in config["data"]["families"].split(",") if f.strip() for role in _spec(config, f.strip()).inference}
 
 
@@ -184,7 +184,7 @@ def model_card(run_dir: str | Path) -> str:
     parts += ["", "## How to use", "",
               "Install p5rec (the repository's package: `pip install -e .` in a clone), then load this folder "
               "(a run directory; from the Hub, download it first with `huggingface_hub.snapshot_download`):", "",
-              "```python", "from p5rec.inference import P5Rec", "",
+              "```python", "from p5rec.serve.inference import P5Rec", "",
               'rec = P5Rec.from_pretrained("path/to/this/folder")',
               f"rec.recommend(history={some_items!r}, user={some_user!r}, k=5)   # [Prediction(item, score)]"]
     roles = _roles(config)

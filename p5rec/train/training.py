@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from p5rec import atomic
-from p5rec.families import main_families, main_renders
+from p5rec.prompts.families import main_families, main_renders
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ModelArguments:
         metadata={"help": "random; collaborative: the first --id_embedding_init_dims columns of each user and "
                   "item row start from the training interactions (log-count, rating bias, spectral factors of "
                   "the user-item matrix); typed: every item row one shared vector plus --id_type_noise noise "
-                  "(users: another); typed-collaborative: both (p5rec/warmstart.py)"},
+                  "(users: another); typed-collaborative: both (p5rec/train/warmstart.py)"},
     )
     id_embedding_init_dims: int = field(
         default=16, metadata={"help": "coordinates written by --id_embedding_init collaborative"}
@@ -88,7 +88,7 @@ class ModelArguments:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def __post_init__(self):
-        from p5rec.model import PRESETS
+        from p5rec.train.model import PRESETS
 
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r}: choose one of {sorted(PRESETS)}")
@@ -246,8 +246,8 @@ def default_output_dir(margs: ModelArguments, dargs: DataArguments) -> str:
 
 def prepare_data(dargs: DataArguments, seed: int):
     """Prepare (or reuse a cached preparation of) the dataset; return the PreparedDataset."""
-    from p5rec.mixture import default_cache_dir
-    from p5rec.prepare import load_prepared, prepare
+    from p5rec.prompts.mixture import default_cache_dir
+    from p5rec.data.prepare import load_prepared, prepare
 
     if dargs.prepared_dir:
         return load_prepared(Path(dargs.prepared_dir))
@@ -285,9 +285,9 @@ class OutputDirError(FileExistsError):
 
 def is_run_file(path: Path) -> bool:
     """Whether ``path`` (an entry at the top of a run directory) is one a p5rec run writes. ``README.md`` is the
-    run's model card only if p5rec wrote it (:func:`p5rec.modelcard.is_generated`); a README of the user's is not."""
+    run's model card only if p5rec wrote it (:func:`p5rec.eval.modelcard.is_generated`); a README of the user's is not."""
     if path.name == "README.md":
-        from p5rec.modelcard import is_generated
+        from p5rec.eval.modelcard import is_generated
 
         return is_generated(path)
     return path.name in RUN_FILES or any(path.match(pattern) for pattern in RUN_PATTERNS)
@@ -378,13 +378,13 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     import torch
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from p5rec import modelcard, plots
-    from p5rec.callbacks import LearningCurveCallback
-    from p5rec.evaluation import curve_metrics
-    from p5rec.mixture import MixtureSpec, build_mixture, id_tokens, row_lengths
-    from p5rec.model import build_model, item_token_range, load_pretrained
-    from p5rec.trainer import P5Trainer
-    from p5rec.templates import RenderConfig, load_templates
+    from p5rec.eval import modelcard, plots
+    from p5rec.train.callbacks import LearningCurveCallback
+    from p5rec.eval.evaluation import curve_metrics
+    from p5rec.prompts.mixture import MixtureSpec, build_mixture, id_tokens, row_lengths
+    from p5rec.train.model import build_model, item_token_range, load_pretrained
+    from p5rec.train.trainer import P5Trainer
+    from p5rec.prompts.templates import RenderConfig, load_templates
 
     started = time.time()
     if not targs.output_dir:
@@ -468,7 +468,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
             weight = model.get_input_embeddings().weight
             weight[id_rows] = torch.randn(len(id_rows), weight.shape[1]) * margs.id_embedding_init_std
     if margs.id_embedding_init != "random" and not targs.resume_from_checkpoint:
-        from p5rec.warmstart import prepared_vectors, write_rows
+        from p5rec.train.warmstart import prepared_vectors, write_rows
 
         collab = margs.id_embedding_init in ("collaborative", "typed-collaborative")
         mix_info["id_rows_written"] = write_rows(
@@ -529,7 +529,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         run_dir, curve_metrics({f: templates.family_info(f) for f in templates.families})))
 
     if not dargs.skip_test:
-        from p5rec.evaluation import FULL_RESULTS, EvalConfig, evaluate_run
+        from p5rec.eval.evaluation import FULL_RESULTS, EvalConfig, evaluate_run
 
         # FSDP and ZeRO-3 shard the weights over the processes: the main process alone cannot run the model in
         # memory, so it scores the saved one (configs/accelerate/; not run on this project's machines)
@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     _cpu_processes()
     margs, dargs, targs = parse_args(argv)
     from p5rec.run import RunError
-    from p5rec.templates import TemplateError
+    from p5rec.prompts.templates import TemplateError
 
     try:
         run(margs, dargs, targs)

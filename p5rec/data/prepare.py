@@ -39,10 +39,11 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 import p5rec
-from p5rec import atomic, explain, preprocess, readers, splits
+from p5rec import atomic
+from p5rec.data import explain, preprocess, readers, splits
 from p5rec.argtypes import int_at_least
-from p5rec.indexing import STRATEGIES, Index, fit_index
-from p5rec.preprocess import PreprocessError
+from p5rec.data.indexing import STRATEGIES, Index, fit_index
+from p5rec.data.preprocess import PreprocessError
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _resolve(dataset: str | Path, fmt: str | None) -> tuple[str, str, list[Path]
         if fmt is None:
             raise readers.DataFormatError(f"cannot tell the format of {path}; pass --format", path=path)
         return _dataset_name(path), fmt, [path]
-    from p5rec import hub  # registered names (data/registry.yaml)
+    from p5rec.data import hub  # registered names (data/registry.yaml)
 
     resolved = hub.resolve(str(dataset))
     return resolved.name, fmt or resolved.format, [Path(p) for p in resolved.paths]
@@ -665,7 +666,7 @@ def _parse_delimiter(text: str) -> str:
 
 def _errors():
     """What the CLI reports in one line (exit status 2) instead of a traceback."""
-    from p5rec.hub import ChecksumError
+    from p5rec.data.hub import ChecksumError
 
     return (readers.DataFormatError, PreprocessError, FileNotFoundError, FileExistsError, ChecksumError, KeyError,
             ValueError)
@@ -739,7 +740,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from p5rec import hub
+    from p5rec.data import hub
 
     for e in hub.list_datasets():
         where = "embedded" if e.embedded else ("manual download" if e.manual else "download")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from p5rec.metrics import ranking_metrics
+from p5rec.eval.metrics import ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ def evaluate_sasrec(
 
     Returns:
         ``{"exclude_history": metrics, "no_exclusion": metrics}`` like
-        :func:`p5rec.baselines.popularity_sequential`; metrics from :func:`p5rec.metrics.ranking_metrics`
+        :func:`p5rec.eval.baselines.popularity_sequential`; metrics from :func:`p5rec.eval.metrics.ranking_metrics`
         over top-``k`` lists, plus ``"n"`` (users scored). Only ``MRR`` depends on ``k``.
     """
     config = config or SASRecConfig()

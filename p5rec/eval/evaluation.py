@@ -33,8 +33,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from p5rec import atomic, baselines, decoding, metrics
-from p5rec.families import FamilySpec, shipped_specs
+from p5rec import atomic
+
+from p5rec.eval import baselines, decoding, metrics
+from p5rec.prompts.families import FamilySpec, shipped_specs
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def _records(prepared, table_name: str, split: str, n: int, seed: int) -> list[d
 
 
 def _render(template, records, prepared, render_config):
-    from p5rec.templates import item_titles, render_records
+    from p5rec.prompts.templates import item_titles, render_records
 
     titles = item_titles(prepared) if template.needs_titles else None
     return render_records(template, records, prepared.index, render_config, titles=titles)
@@ -360,7 +362,7 @@ def _text(ctx: Context, t) -> Scored:
 
 def _sampled_rows(prepared, template, cfg: EvalConfig, render_config, templates) -> dict:
     """The renderer's own rows for ``template`` on the split (seeded), capped at ``cfg.max_cases``."""
-    from p5rec.templates import render_split
+    from p5rec.prompts.templates import render_split
 
     if templates is None:
         raise ValueError(f"template {template.id} needs the TemplateSet to sample its questions")
@@ -401,7 +403,7 @@ def _attach_candidates(prepared, split: str, records: list[dict]) -> list[dict]:
 
 
 def build_catalogue_trie(prepared, tokenizer, id_form: str):
-    from p5rec.decoding import ItemTrie
+    from p5rec.eval.decoding import ItemTrie
 
     index = prepared.index
     return ItemTrie.from_surfaces(tokenizer, {raw: index.item_text(raw, id_form) for raw in index.items})
@@ -577,7 +579,7 @@ def _sasrec_baseline(seq, rows: list[dict], cfg: EvalConfig) -> dict:
     """p5rec's SASRec (full-softmax CE, early-stopped on validation) scored on the same cases."""
     import torch
 
-    from p5rec import sasrec
+    from p5rec.eval import sasrec
 
     t0 = time.time()
     # selected on validation under the protocol it is scored by here (history items allowed unless excluded)
@@ -635,7 +637,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
     A selection that matches no template is an error, not an empty report.
     """
     from p5rec.run import Run, open_prepared_for, read_json, read_run_config, run_templates
-    from p5rec.templates import RenderConfig
+    from p5rec.prompts.templates import RenderConfig
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else results_path(run_dir, cfg)
@@ -718,7 +720,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
     print(md)
     logger.info("wrote %s and %s", out, out.with_suffix(".md"))
     if out.parent.resolve() == run_dir.resolve() and out.name == FULL_RESULTS:
-        from p5rec import modelcard
+        from p5rec.eval import modelcard
 
         modelcard.write_model_card(run_dir)  # the card shows the run's own results: refreshed with them
     return report
@@ -734,7 +736,7 @@ def _higher_is_better(key: str) -> bool:
 def results_panels(report: dict, specs: dict[str, FamilySpec] | None = None) -> list:
     """One bar panel per family and protocol: the headline metric's mean over seen and over unseen templates,
     beside every baseline its spec declares for that protocol that was scored."""
-    from p5rec.plots import Bar, Panel
+    from p5rec.eval.plots import Bar, Panel
 
     panels = []
     for fam, proto, groups, declared, metric, have in _headlines(report, specs):
@@ -749,7 +751,7 @@ def results_panels(report: dict, specs: dict[str, FamilySpec] | None = None) -> 
 def _draw_plots(run_dir: Path, report: dict, out: Path, specs: dict | None = None) -> list[tuple[str, str]]:
     """The results beside their baselines as ``<out stem>.png`` and, for a run that lacks it, the learning curve;
     returns (caption, file name) for results.md. A plot that fails to draw is a warning, never lost results."""
-    from p5rec import plots
+    from p5rec.eval import plots
 
     images = []
     try:

@@ -131,7 +131,7 @@ def _encode(tokenizer, texts, max_length, device):
 def token_logprobs(model, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log P(token) from ``logits`` [R, V] for ``tokens`` [R, W], normalised as the model was trained.
 
-    A model trained with ``config.item_token_range`` (p5rec.model.P5T5ForConditionalGeneration) learnt item
+    A model trained with ``config.item_token_range`` (p5rec.train.model.P5T5ForConditionalGeneration) learnt item
     tokens under a softmax over item tokens only; those are normalised over the item tokens here too, and every
     other token (EOS, words) over the whole vocabulary. Without the range: the whole vocabulary.
     """

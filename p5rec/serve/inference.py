@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 COLD_START_NAME = "a new customer"
 # The default template of each task method is a role its family declares (``inference:`` in the family's
-# templates.yaml, p5rec.families.ROLES): an id, or one for a known user and one for a new user.
+# templates.yaml, p5rec.prompts.families.ROLES): an id, or one for a known user and one for a new user.
 
 
 class UnknownIdError(KeyError):
@@ -137,7 +137,7 @@ class P5Rec:
 
     def __init__(self, model, tokenizer, index, templates, render_config, max_source_length: int = 128,
                  trained: set[str] | None = None, trie=None):
-        from p5rec.decoding import ItemTrie
+        from p5rec.eval.decoding import ItemTrie
 
         self.model, self.tokenizer, self.index = model, tokenizer, index
         self.templates, self.render_config = templates, render_config
@@ -224,7 +224,7 @@ class P5Rec:
         return t
 
     def _sources(self, template, records: list[dict]) -> list[str]:
-        from p5rec.templates import render_records
+        from p5rec.prompts.templates import render_records
 
         return [s for s, _ in render_records(template, records, self.index, self.render_config)]
 
@@ -258,7 +258,7 @@ class P5Rec:
 
         With a ``sequence`` template (the default when the run trained one) the decoder continues the history
         (the continuation protocol); with a history-in-the-prompt template it answers the prompt."""
-        from p5rec.decoding import continue_items, rank_items
+        from p5rec.eval.decoding import continue_items, rank_items
 
         groups: dict[str, list[int]] = {}
         for n, r in enumerate(requests):
@@ -294,7 +294,7 @@ class P5Rec:
     def rank_batch(self, requests: list[dict]) -> list[list[Prediction]]:
         """Each ``{"candidates": [...], "user": ..., "history": [...], "template": ...}`` ordered best first
         (a sequential candidate template with a history, a direct one without; all of each request's candidates)."""
-        from p5rec.decoding import rank_items
+        from p5rec.eval.decoding import rank_items
 
         groups: dict[tuple[str, bool], list[int]] = {}
         for n, r in enumerate(requests):
@@ -326,7 +326,7 @@ class P5Rec:
                   **decoding) -> list[str]:
         """Text for each request's record (its ``template``, else ``default``, of the family declaring ``role``),
         one ``generate`` call per template."""
-        from p5rec.decoding import generate_text
+        from p5rec.eval.decoding import generate_text
 
         groups: dict[str, list[int]] = {}
         for n, r in enumerate(requests):
@@ -344,7 +344,7 @@ class P5Rec:
 
     @staticmethod
     def _rating_answer(text: str) -> dict:
-        from p5rec.metrics import parse_rating
+        from p5rec.eval.metrics import parse_rating
 
         value = parse_rating(text)
         return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
@@ -662,7 +662,7 @@ def _print_human(result: dict) -> None:
 
 def _text_decoding(num_beams: int | None = None) -> dict:
     """The evaluation's text decoding (``EvalConfig.text_*``), so that a served explanation is the one scored."""
-    from p5rec.evaluation import EvalConfig
+    from p5rec.eval.evaluation import EvalConfig
 
     cfg = EvalConfig()
     return dict(num_beams=num_beams or cfg.text_beams, no_repeat_ngram_size=cfg.text_no_repeat_ngram,

@@ -26,7 +26,7 @@ class LearningCurveCallback(TrainerCallback):
     ``--load_best_model_at_end`` keeps the best checkpoint on it. Cheap by construction: single-token ids rank
     the catalogue in one decoder step, text is greedy and short.
 
-    :class:`p5rec.trainer.P5Trainer` calls :meth:`measure` inside its evaluation loop, before the Trainer logs the
+    :class:`p5rec.train.trainer.P5Trainer` calls :meth:`measure` inside its evaluation loop, before the Trainer logs the
     evaluation, so the per-family metrics reach every ``--report_to`` integration (TensorBoard scalars
     ``eval/sequential_NDCG@10``, ...) and the ``log_history``; with another Trainer, ``on_evaluate`` measures.
     Every process measures (the numbers agree, so best-model selection agrees); only the main one writes.
@@ -50,7 +50,7 @@ class LearningCurveCallback(TrainerCallback):
 
     def _probe_templates(self) -> list[tuple[str, object]]:
         """(curve key, template): the first trained template of each family and curve protocol."""
-        from p5rec.evaluation import protocol_of
+        from p5rec.eval.evaluation import protocol_of
 
         chosen: dict[str, object] = {}
         for t in self.templates:
@@ -90,7 +90,7 @@ class LearningCurveCallback(TrainerCallback):
         (and return those). The file is written by ``on_evaluate``."""
         if self.n_users <= 0:
             return {}
-        from p5rec.evaluation import EvalConfig, build_catalogue_trie, score_template
+        from p5rec.eval.evaluation import EvalConfig, build_catalogue_trie, score_template
 
         if self._tries is None:
             self._tries = {"catalogue": build_catalogue_trie(self.prepared, self.tokenizer, self.render_config.id_form)}

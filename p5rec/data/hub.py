@@ -40,7 +40,8 @@ import yaml
 from tqdm.auto import tqdm
 
 import p5rec
-from p5rec import atomic, readers
+from p5rec import atomic
+from p5rec.data import readers
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
-from p5rec.tokenizer import add_id_tokens
+from p5rec.prompts.tokenizer import add_id_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,6 @@ def _align_generation_config(model, tokenizer) -> None:
     gc.pad_token_id = tokenizer.pad_token_id
     gc.eos_token_id = tokenizer.eos_token_id
     gc.decoder_start_token_id = model.config.decoder_start_token_id
-    # Generation settings are chosen per task by p5rec.decoding; keep the saved defaults neutral.
+    # Generation settings are chosen per task by p5rec.eval.decoding; keep the saved defaults neutral.
     gc.max_length = None
     gc.max_new_tokens = 32

@@ -34,7 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 import numpy as np
 import yaml
 
-from p5rec.families import FamilySpec, parse_spec, tasks_root
+from p5rec.prompts.families import FamilySpec, parse_spec, tasks_root
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def _unsafe_access(ast: jinja2.nodes.Template) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-# A family's header (the table it reads, its protocols, defaults): p5rec.families. The old name stays for callers.
+# A family's header (the table it reads, its protocols, defaults): p5rec.prompts.families. The old name stays for callers.
 FamilyInfo = FamilySpec
 
 
@@ -666,7 +666,7 @@ def _family_problems(info: FamilyInfo) -> list[Problem]:
 
     (``data`` defaults to the family's name, so a new family without it reads a table that does not exist.)
     """
-    from p5rec.prepare import FAMILY_DIRS  # the tables a prepared dataset offers, by the name family() takes
+    from p5rec.data.prepare import FAMILY_DIRS  # the tables a prepared dataset offers, by the name family() takes
 
     known = {f.parent.name for f in shipped_files()} | set(FAMILY_DIRS)
     if info.family in known or info.data in FAMILY_DIRS:
@@ -776,7 +776,7 @@ def make_context(family: str, record: Mapping[str, Any], index, config: RenderCo
 
 def _shipped_schema(family: str) -> tuple[str, ...]:
     """Field names of a shipped family's schema (files are package data: read once per process)."""
-    from p5rec.families import shipped_specs
+    from p5rec.prompts.families import shipped_specs
 
     spec = shipped_specs().get(family)
     return tuple(spec.schema) if spec else ()
@@ -1162,7 +1162,7 @@ def preview_rows(templates: TemplateSet, template_id: str, prepared=None, split:
         except (SecurityError, jinja2.TemplateError) as exc:
             raise PreviewError(f"{where} {type(exc).__name__}: {exc}") from None
         return [{"source": src, "target": tgt, "user": "", "item": "", "candidates": []} for src, tgt in pairs]
-    from p5rec.prepare import FAMILY_DIRS, PreparedError
+    from p5rec.data.prepare import FAMILY_DIRS, PreparedError
 
     data = templates.family_info(t.family).data
     if not prepared.has_family(data):
@@ -1194,7 +1194,7 @@ def _cmd_preview(args) -> int:
         return _preview_error(f"{exc.problems[0]}{more}")
     prepared = None
     if args.dataset:
-        from p5rec.prepare import PreparedError, load_prepared
+        from p5rec.data.prepare import PreparedError, load_prepared
 
         try:
             prepared = load_prepared(args.dataset)

@@ -51,7 +51,7 @@ class LeaveOneOut:
 
 
 def sequences_from(df: pd.DataFrame) -> dict[str, list[str]]:
-    """user (sorted) -> items, in the frame's row order (call on a :func:`p5rec.preprocess.time_order`-ed frame)."""
+    """user (sorted) -> items, in the frame's row order (call on a :func:`p5rec.data.preprocess.time_order`-ed frame)."""
     codes, users = pd.factorize(df["user"], sort=True)
     order = np.argsort(codes, kind="stable")
     items = df["item"].to_numpy(dtype=object)[order]

@@ -13,7 +13,7 @@ Three strategies, after Hua et al. 2023, "How to Index Item IDs for Recommendati
   its position in the leaf, e.g. ``"3-0-12"``. Ids have a variable number of levels (deeper where clusters are
   big); Beauty (12,101 items, ``n_clusters=20``) gets 3-6 levels, ``levels`` = ``[21, 20, 20, 20, 20, 15]``.
 
-"Training" means each user's sequence minus its last two items (:func:`p5rec.splits.training_part`). Items seen
+"Training" means each user's sequence minus its last two items (:func:`p5rec.data.splits.training_part`). Items seen
 only in held-out positions get ids after all training items, in sorted raw-id order, so changing held-out
 interactions never changes a training item's id.
 

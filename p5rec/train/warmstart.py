@@ -77,7 +77,7 @@ def collaborative_vectors(train_pairs: tuple[list[str], list[str]], users: list[
     u_feat[:, 0] = np.log1p(du)
     i_feat[:, 0] = np.log1p(di)
     if ratings is not None:
-        from p5rec.baselines import BiasedMF
+        from p5rec.eval.baselines import BiasedMF
 
         mf = BiasedMF().fit(*ratings)
         for raw, j in mf.user_index.items():

@@ -246,7 +246,7 @@ def rating_metrics(
 
     Policy for unreadable outputs (never dropped silently): every prediction goes through
     :func:`parse_rating`; the ones that give ``None`` are counted in ``invalid`` and scored as ``fallback``,
-    which the caller should set to the *training* global mean (:func:`p5rec.baselines.global_mean_rating`).
+    which the caller should set to the *training* global mean (:func:`p5rec.eval.baselines.global_mean_rating`).
     If ``fallback`` is None the midpoint ``(lo+hi)/2`` is used (a warning is logged when it matters); the test
     targets are never used to fill in. Valid predictions are clipped to ``[lo, hi]``.
 

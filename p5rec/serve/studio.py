@@ -4,11 +4,11 @@
     p5rec serve --run runs/<run>                          # the same page at /studio, on the run's data and templates
 
 Browse: every family and template (id, seen/unseen, scoring, fields, the Jinja) and render any template on the
-first records of a prepared split, exactly as training and evaluation render them (:func:`~p5rec.templates.
+first records of a prepared split, exactly as training and evaluation render them (:func:`~p5rec.prompts.templates.
 preview_rows`); id surfaces in the output are mapped back to raw ids (and item titles where the dataset has them).
 
-Write: a YAML file in the page, checked as it is typed by the CLI's own functions (:func:`~p5rec.templates.validate`,
-then :func:`~p5rec.templates.load_templates` beside the shipped files, as ``train.py --template_files`` loads it), so
+Write: a YAML file in the page, checked as it is typed by the CLI's own functions (:func:`~p5rec.prompts.templates.validate`,
+then :func:`~p5rec.prompts.templates.load_templates` beside the shipped files, as ``train.py --template_files`` loads it), so
 the messages are ``p5rec templates validate``'s (``file:line: [id] kind: message``); previewed on real records; saved
 into the directory given on the command line, never over an existing file unless the request says ``overwrite``.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from p5rec import atomic
-from p5rec.templates import (FIELDS, PreviewError, RenderConfig, TemplateError, TemplateSet, item_titles,
+from p5rec.prompts.templates import (FIELDS, PreviewError, RenderConfig, TemplateError, TemplateSet, item_titles,
                              load_templates, preview_rows, validate)
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Studio:
     """What the page works on: templates, a prepared dataset (or synthetic records), where drafts are saved."""
 
     templates: TemplateSet
-    prepared: Any  # p5rec.prepare.PreparedDataset, or None for synthetic records
+    prepared: Any  # p5rec.data.prepare.PreparedDataset, or None for synthetic records
     dataset_label: str
     config: RenderConfig
     save_dir: Path
@@ -126,7 +126,7 @@ class Studio:
     def for_dataset(cls, dataset: str | Path | None, save_dir: str | Path = ".", files: list[Path] | None = None,
                     id_form: str = "token") -> "Studio":
         """A studio over a prepared dataset (None: synthetic records); :class:`StudioError` if it cannot open."""
-        from p5rec.prepare import PreparedError, load_prepared
+        from p5rec.data.prepare import PreparedError, load_prepared
 
         files = [Path(f) for f in files or []]
         templates = _load(files)
@@ -400,7 +400,7 @@ def _create_exclusive(path: Path, text: str) -> None:
 
 
 def page_html() -> str:
-    return (importlib.resources.files("p5rec") / "static" / "studio.html").read_text(encoding="utf-8")
+    return (importlib.resources.files("p5rec.serve") / "static" / "studio.html").read_text(encoding="utf-8")
 
 
 def validation_error_handler(request, exc):
@@ -450,7 +450,7 @@ def add_cli(sub) -> None:
 
 
 def _cmd_studio(args) -> int:
-    from p5rec.httpserver import is_loopback, listen, run_server
+    from p5rec.serve.httpserver import is_loopback, listen, run_server
 
     def fail(message: str) -> int:
         print(f"p5rec templates studio: {message}", file=sys.stderr)

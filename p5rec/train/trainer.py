@@ -4,7 +4,7 @@ Why: HF's T5 multiplies the decoder output by d_model^-0.5 (tied embeddings) and
 embedding, where SASRec multiplies the input by sqrt(d) and reads logits as h.E. The two are the same function
 of a rescaled embedding, but Adam's steps are scale-free: relative to its size, a T5 embedding then moves
 sqrt(d_model) times slower than SASRec's. ``embedding_lr_multiplier`` (with ``embedding_init_std``, in
-p5rec.model) gives the embedding SASRec's dynamics without changing the architecture or the checkpoint format.
+p5rec.train.model) gives the embedding SASRec's dynamics without changing the architecture or the checkpoint format.
 Measured in bench/README.md ("What makes the sequence objective learn").
 """
 

@@ -3,27 +3,27 @@
 A family is its folder and nothing in Python (docs/design.md §4). The header, above ``schema`` and ``templates``:
 
     family: rating
-    data: rating        # the prepared table it reads: prepared.family(data) (p5rec.prepare.FAMILY_DIRS)
+    data: rating        # the prepared table it reads: prepared.family(data) (p5rec.data.prepare.FAMILY_DIRS)
     task: rating-prediction  # what it does, as a model card's task type (default: the family's name)
     order: 3            # its place in listings, in the default --families and in the evaluation
     train: true         # the main job trains it (it is in the default --families)
     renders: 3          # prompts rendered per training record (the --renders default)
-    protocols:          # how its templates are reported, per evaluation protocol (p5rec.evaluation.PROTOCOLS)
+    protocols:          # how its templates are reported, per evaluation protocol (p5rec.eval.evaluation.PROTOCOLS)
       rating:
         metrics: [RMSE, MAE, RMSE_expected, MAE_expected, invalid]  # columns of the family's results table
         headline: RMSE                                              # its metric in the headline table
         baselines: [biased MF]                                      # beside the headline: the first one run
       choice accuracy: {metrics: [accuracy], headline: accuracy}
     baselines:          # how a baseline named above is computed, where its name is not a method's own name
-      biased MF: {method: biased MF, field: rating}     # methods: p5rec.evaluation.BASELINES
+      biased MF: {method: biased MF, field: rating}     # methods: p5rec.eval.evaluation.BASELINES
     curve: {protocols: [rating], metric: RMSE}   # learning curve: one template per protocol, this metric
     inference: {rating: "1-1"}                   # P5Rec's default template per role: an id, or [known, new user]
 
 Only ``family`` is required; a file that adds templates to a family another file declares repeats ``family``,
 ``data`` and (a subset of) ``schema`` and nothing else. Every other key has a default that leaves the family out
 of the main job and out of the headline table. :func:`parse_spec` checks the header and reports each problem as
-one line naming the file, the field and what was expected; :mod:`p5rec.templates` turns them into its
-:class:`~p5rec.templates.Problem` list, so ``p5rec templates validate`` shows them with the rest.
+one line naming the file, the field and what was expected; :mod:`p5rec.prompts.templates` turns them into its
+:class:`~p5rec.prompts.templates.Problem` list, so ``p5rec templates validate`` shows them with the rest.
 
 This module reads YAML only (no Jinja, no numpy), so the CLI and training defaults can read the shipped specs
 cheaply at import.
@@ -42,7 +42,7 @@ import yaml
 __all__ = ["FamilySpec", "ProtocolSpec", "BaselineSpec", "CurveSpec", "ROLES", "SPEC_KEYS", "parse_spec", "shipped_specs",
            "main_families", "tasks_root"]
 
-# The roles P5Rec fills with a family's default templates (p5rec.inference): one family declares each.
+# The roles P5Rec fills with a family's default templates (p5rec.serve.inference): one family declares each.
 ROLES = ("recommend", "rank", "rank_direct", "rating", "explain", "explain_feature", "summarize", "rate_review")
 # header keys that declare the family (besides family, data, schema, templates)
 SPEC_KEYS = ("task", "order", "train", "renders", "protocols", "baselines", "curve", "inference")
@@ -58,7 +58,7 @@ class ProtocolSpec:
 
 @dataclass(frozen=True)
 class BaselineSpec:
-    """How a named baseline is computed: a method of ``p5rec.evaluation.BASELINES`` and its string arguments
+    """How a named baseline is computed: a method of ``p5rec.eval.evaluation.BASELINES`` and its string arguments
     (``field``: the column it predicts, ``input``: the column it reads)."""
 
     method: str
@@ -230,8 +230,8 @@ def tasks_root() -> Path:
     (``tasks/``, which pyproject maps to ``p5rec.tasks``). The checkout's own folder is looked for before asking
     the import system, which under ``PYTHONPATH=<another checkout>`` still answers with the editable install's.
     """
-    here = Path(__file__).resolve().parent
-    for root in (here / "tasks", here.parent / "tasks"):
+    package = Path(__file__).resolve().parents[1]  # p5rec/ (this file is p5rec/prompts/families.py)
+    for root in (package / "tasks", package.parent / "tasks"):
         if (root / "__init__.py").is_file() and any(root.glob("*/templates.yaml")):
             return root
     return Path(str(importlib.resources.files("p5rec.tasks")))

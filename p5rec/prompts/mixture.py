@@ -17,8 +17,8 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, concatenate_datasets
 
-from p5rec.families import main_families
-from p5rec.tokenizer import build_tokenizer, load_tokenizer, train_sentencepiece
+from p5rec.prompts.families import main_families
+from p5rec.prompts.tokenizer import build_tokenizer, load_tokenizer, train_sentencepiece
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _hash(obj) -> str:
 
 def render_family_splits(prepared, templates, render_config, families, split: str) -> Dataset:
     """Render the seen templates of ``families`` on ``split`` and concatenate."""
-    from p5rec.templates import render_split
+    from p5rec.prompts.templates import render_split
 
     parts = []
     for family in families:
@@ -133,7 +133,7 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
     ``valid`` is a small per-family sample of the validation split (``spec.valid_rows_per_family`` rows each),
     for the loss curve during training; metrics on the full splits are the evaluation's job.
     """
-    import p5rec.templates as tmod
+    import p5rec.prompts.templates as tmod
 
     template_files = sorted({str(t.file) for t in templates})
     key = _hash(
