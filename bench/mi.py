@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 CONFIGS = {
     "main": [],
+    # the main job before 2026-11-24 evening: id rows drawn at random (now: --id_embedding_init auto)
+    "main-random-ids": ["--id_embedding_init", "random"],
     # the main job's mixture before 2026-11-24 afternoon (the family specs' renders then)
     "main-previous-renders": ["--renders", "sequential=6,direct=3,rating=3,explanation=1,review=1"],
     "long": ["--max_steps", "3600", "--eval_steps", "900", "--save_steps", "1800"],
@@ -38,6 +40,8 @@ CONFIGS = {
     "rebalanced": ["--renders", "sequential=3,direct=2,rating=4,explanation=3,review=3"],
     # id rows start from the training interactions (log-count, rating bias, spectral factors; p5rec/train/warmstart.py)
     "collab-init": ["--id_embedding_init", "collaborative"],
+    # and the rest of every item (user) row one shared vector plus noise, so that attention can find the id
+    "typed-collab": ["--id_embedding_init", "typed-collaborative"],
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 
 from p5rec.eval import baselines as B
 from p5rec.eval.metrics import rating_metrics
@@ -29,45 +29,11 @@ def test_popularity_ranking_with_exclusion():
     assert ranked == [["b", "c"], ["a", "d"], []]
 
 
-def _sequential_dd() -> DatasetDict:
-    # u1: training part a b c, valid target d, test target e; u2: training part a c, valid b, test d
-    valid = Dataset.from_dict({"user": ["u1", "u2"], "history": [["a", "b", "c"], ["a", "c"]],
-                               "target": ["d", "b"]})
-    test = Dataset.from_dict({"user": ["u1", "u2"], "history": [["a", "b", "c", "d"], ["a", "c", "b"]],
-                              "target": ["e", "d"]})
-    train = Dataset.from_dict({"user": ["u1", "u1", "u2"], "history": [["a"], ["a", "b"], ["a"]],
-                               "target": ["b", "c", "c"]})
-    return DatasetDict(train=train, valid=valid, test=test)
-
-
-def test_popularity_sequential_both_variants():
-    # training counts from the valid histories: a=2, c=2, b=1 -> order a, c, b
-    out = B.popularity_sequential(_sequential_dd(), k=3, ks=(1, 3))
-    # no exclusion: both users get [a, c, b]; targets e, d are absent -> all zero
-    assert out["no_exclusion"]["HR@3"] == 0.0 and out["no_exclusion"]["n"] == 2
-    # with exclusion nothing of {a, b, c} is left for either user: still zero, lists empty
-    assert out["exclude_history"]["HR@3"] == 0.0
-    # a training part that knows d and e: counts d=2, e=1, a=1 -> order d, a, e
-    out = B.popularity_sequential(_sequential_dd(), k=2, ks=(1, 2), train_items=["d", "e", "d", "a"])
-    # u1 history a b c d -> [e]: target e at rank 0; u2 history a c b -> [d, e]: target d at rank 0
-    assert out["exclude_history"]["HR@1"] == 1.0
-    # no exclusion: both get [d, a]; u1 misses e, u2 hits d at rank 0
-    assert out["no_exclusion"]["HR@1"] == 0.5
-    assert out["no_exclusion"]["NDCG@2"] == 0.5
-
-
-def test_popularity_direct_and_eval():
+def test_popularity_direct():
     counts = {"a": 3, "b": 2, "c": 2}
     rows = Dataset.from_dict({"user": ["u1", "u2"], "target": ["c", "z"],
                               "candidates": [["z", "c", "b", "a"], ["y", "z", "a", "x"]]})
     assert B.popularity_direct(rows, counts) == [["a", "b", "c", "z"], ["a", "x", "y", "z"]]
-    dd = DatasetDict(train=Dataset.from_dict({"user": ["u"] * 7, "target": list("aaabbcc")}), test=rows)
-    out = B.popularity_direct_eval(dd, ks=(1, 3))
-    # id ties: u1 target c at rank 2, u2 target z at rank 3
-    assert out["id_ties"]["HR@3"] == 0.5
-    assert out["id_ties"]["MRR"] == pytest.approx((1 / 3 + 1 / 4) / 2)
-    # pessimistic: c ties with b (both 2) -> rank 2; z ties with x, y (0) -> rank 3
-    assert out["pessimistic_ties"]["MRR"] == pytest.approx((1 / 3 + 1 / 4) / 2)
 
 
 # --------------------------------------------------------------------------------------------- rating

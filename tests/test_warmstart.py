@@ -72,10 +72,70 @@ def test_rows_are_written_at_the_embeddings_scale_and_multi_level_ids_are_refuse
     assert write_rows(weight, Tok(), index, v) == len(USERS) + len(ITEMS)
     assert torch.equal(weight[:2], before[:2])  # word rows untouched
     row = vocab[index.item_text("x0", "token")]
-    assert torch.allclose(weight[row, :6], torch.as_tensor(v.items["x0"], dtype=torch.float32) * before[2:].std(), atol=1e-5)
+    item_rows = [vocab[index.item_text(i, "token")] for i in ITEMS]
+    scale = before[item_rows].std()  # the scale of the id rows as they were
+    assert torch.allclose(weight[row, :6], torch.as_tensor(v.items["x0"], dtype=torch.float32) * scale, atol=1e-5)
     assert torch.equal(weight[row, 6:], before[row, 6:])  # the rest of the row keeps its random start
     only_items = torch.randn(len(vocab), 16)
     assert write_rows(only_items, Tok(), index, v, users=False) == len(ITEMS)
     index.items = {i: f"{k}-0" for k, i in enumerate(ITEMS)}
     with pytest.raises(ValueError, match="one token per item"):
         write_rows(weight, Tok(), index, v)
+
+
+def test_typed_rows_share_one_direction_per_side():
+    class Index:
+        users = {u: str(k) for k, u in enumerate(USERS)}
+        items = {i: str(k) for k, i in enumerate(ITEMS)}
+
+        def user_text(self, raw, form):
+            return f"<u{self.users[raw]}>"
+
+        def item_text(self, raw, form):
+            return f"<i{self.items[raw]}>"
+
+    index = Index()
+    toks = ["<pad>"] + [index.user_text(u, "token") for u in USERS] + [index.item_text(i, "token") for i in ITEMS]
+    vocab = {t: k for k, t in enumerate(toks)}
+
+    class Tok:
+        def convert_tokens_to_ids(self, tokens):
+            return [vocab[t] for t in tokens]
+
+    torch.manual_seed(0)
+    weight = torch.randn(len(vocab), 64)
+    write_rows(weight, Tok(), index, None, typed=0.2)
+    items = weight[[vocab[index.item_text(i, "token")] for i in ITEMS]]
+    users = weight[[vocab[index.user_text(u, "token")] for u in USERS]]
+
+    def mean_cos(a, b):
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+        return (a @ b.T).mean().item()
+    assert mean_cos(items, items) > 0.9 and mean_cos(users, users) > 0.9  # one shared vector per side
+    assert abs(mean_cos(items, users)) < 0.5  # and the two sides differ
+    assert len({tuple(r.tolist()) for r in items}) == len(ITEMS)  # each id still its own row
+    # with interaction vectors, their coordinates come first and the shared vector fills the rest
+    v = _vectors()
+    write_rows(weight, Tok(), index, v, typed=0.2)
+    row = weight[vocab[index.item_text("x0", "token")]]
+    assert torch.allclose(row[:6], torch.as_tensor(v.items["x0"], dtype=torch.float32) * items.std(), atol=0.2)
+
+
+def test_auto_resolves_to_the_typed_start_only_where_every_id_is_one_token():
+    from types import SimpleNamespace
+
+    from p5rec.train.training import ModelArguments, resolve_id_init
+
+    flat = SimpleNamespace(index=SimpleNamespace(items={"x": "3"}), has_family=lambda name: True)
+    levels = SimpleNamespace(index=SimpleNamespace(items={"x": "3-1"}), has_family=lambda name: True)
+    no_sequences = SimpleNamespace(index=SimpleNamespace(items={"x": "3"}), has_family=lambda name: False)
+    assert ModelArguments().id_embedding_init == "auto"
+    assert resolve_id_init(ModelArguments(), flat) == "typed-collaborative"
+    assert resolve_id_init(ModelArguments(), no_sequences) == "typed"
+    assert resolve_id_init(ModelArguments(), levels) == "random"  # collaborative ids: level tokens are shared
+    assert resolve_id_init(ModelArguments(id_form="text"), flat) == "random"
+    assert resolve_id_init(ModelArguments(), flat, model_name_or_path="ckpt") == "random"  # keep a checkpoint's rows
+    with pytest.raises(ValueError, match="one token per item"):
+        resolve_id_init(ModelArguments(id_embedding_init="typed"), levels)
+    with pytest.raises(ValueError, match="needs id tokens"):
+        ModelArguments(id_form="text", id_embedding_init="collaborative")

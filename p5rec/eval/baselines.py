@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from p5rec.eval.metrics import rank_from_scores, ranking_metrics, ranking_metrics_from_ranks, rouge_tokenize
+from p5rec.eval.metrics import rouge_tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ __all__ = [
     "nearest_review_baseline",
     "nearest_text_by_input",
     "popularity_direct",
-    "popularity_direct_eval",
     "popularity_ranking",
-    "popularity_sequential",
 ]
 
 Rows = Any  # datasets.Dataset or Mapping[str, Sequence]: anything with rows[column] -> sequence
@@ -108,87 +106,14 @@ def popularity_ranking(
     return out
 
 
-def _sequential_train_items(sequential_dd: Mapping[str, Rows]) -> list[str]:
-    """Every item occurrence in the users' training parts.
-
-    By design.md section 2 a user's valid row has ``history = seq[:-2]``, which is exactly that user's
-    training part, so the valid histories are concatenated (the valid target itself is not training data).
-    """
-    return [item for history in _col(sequential_dd["valid"], "history") for item in history]
-
-
-def popularity_sequential(
-    sequential_dd: Mapping[str, Rows],
-    k: int = 20,
-    split: str = "test",
-    ks: Sequence[int] = (1, 5, 10),
-    train_items: Sequence[str] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Score the popularity baseline on the sequential ``split``, with and without history exclusion.
-
-    ``"exclude_history"`` removes each user's ``history`` items before taking the top ``k``. That is the
-    standard full-ranking protocol (RecBole masks a user's known interactions), and after dedup the target is
-    never in the history, so it is the fair number. ``"no_exclusion"`` is the like-for-like comparison with a
-    model whose generated beams are not filtered (P5's).
-
-    Args:
-        sequential_dd: the ``sequential`` DatasetDict (needs ``valid`` for counts unless ``train_items``).
-        train_items: override the training item occurrences (default: the valid histories, see above).
-
-    Returns:
-        ``{"exclude_history": metrics, "no_exclusion": metrics}``, metrics from
-        :func:`p5rec.eval.metrics.ranking_metrics` plus ``"n"``.
-    """
-    if train_items is None:
-        train_items = _sequential_train_items(sequential_dd)
-    rows = sequential_dd[split]
-    histories, targets = _col(rows, "history"), _col(rows, "target")
-    out: dict[str, dict[str, float]] = {}
-    for name, exclude in (("exclude_history", histories), ("no_exclusion", None)):
-        ranked = popularity_ranking(train_items, k, exclude, n_users=len(targets))
-        out[name] = {**ranking_metrics(ranked, targets, ks), "n": len(targets)}
-    logger.info("popularity_sequential[%s]: %d users, %d training interactions", split, len(targets),
-                len(train_items))
-    return out
-
-
 def popularity_direct(test_rows: Rows, train_counts: Mapping[str, int]) -> list[list[str]]:
     """Rank each user's ``candidates`` (100 in P5's protocol) by training popularity.
 
     Items absent from ``train_counts`` count 0. Ties are broken by item id string, ascending, which is
-    deterministic and unrelated to which candidate is the target; :func:`popularity_direct_eval` also
-    reports the pessimistic-ties numbers.
+    deterministic and unrelated to which candidate is the target.
     """
     return [sorted(cands, key=lambda item: (-train_counts.get(item, 0), item))
             for cands in _col(test_rows, "candidates")]
-
-
-def popularity_direct_eval(
-    direct_dd: Mapping[str, Rows], split: str = "test", ks: Sequence[int] = (1, 5, 10)
-) -> dict[str, dict[str, float]]:
-    """Score :func:`popularity_direct` on the ``direct`` family.
-
-    Training counts are the ``train`` split's ``target`` column (the training positives, design.md section 2).
-
-    Returns:
-        ``{"id_ties": metrics of the ranked lists, "pessimistic_ties": metrics with equal counts ranked above
-        the target}``, each with ``"n"``.
-    """
-    counts = item_popularity(_col(direct_dd["train"], "target"))
-    rows = direct_dd[split]
-    targets, candidates = _col(rows, "target"), _col(rows, "candidates")
-    ranked = popularity_direct(rows, counts)
-    out = {"id_ties": {**ranking_metrics(ranked, targets, ks), "n": len(targets)}}
-    n_cands = {len(c) for c in candidates}
-    if len(n_cands) == 1:
-        scores = np.array([[counts.get(item, 0) for item in cands] for cands in candidates], dtype=np.float64)
-        target_index = np.array([cands.index(t) for cands, t in zip(candidates, targets)])
-        ranks = rank_from_scores(scores, target_index, ties="pessimistic")
-        out["pessimistic_ties"] = {**ranking_metrics_from_ranks(ranks, ks), "n": len(targets)}
-    else:
-        logger.warning("popularity_direct_eval: candidate lists of different lengths %s; no pessimistic scores",
-                       sorted(n_cands))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

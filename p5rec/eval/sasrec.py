@@ -490,9 +490,9 @@ def evaluate_sasrec(
     split itself, optimistic by construction).
 
     Returns:
-        ``{"exclude_history": metrics, "no_exclusion": metrics}`` like
-        :func:`p5rec.eval.baselines.popularity_sequential`; metrics from :func:`p5rec.eval.metrics.ranking_metrics`
-        over top-``k`` lists, plus ``"n"`` (users scored). Only ``MRR`` depends on ``k``.
+        ``{"exclude_history": metrics, "no_exclusion": metrics}`` (the two protocols of the popularity
+        baseline, :func:`p5rec.eval.baselines.popularity_ranking`); metrics from
+        :func:`p5rec.eval.metrics.ranking_metrics` over top-``k`` lists, plus ``"n"`` (users scored). Only ``MRR`` depends on ``k``.
     """
     config = config or SASRecConfig()
     if model_and_vocab is None:

@@ -26,7 +26,7 @@ from p5rec.prompts.families import main_families, main_renders
 logger = logging.getLogger(__name__)
 
 
-ID_INITS = ("random", "collaborative", "typed", "typed-collaborative")
+ID_INITS = ("auto", "random", "collaborative", "typed", "typed-collaborative")
 
 
 @dataclass
@@ -65,8 +65,10 @@ class ModelArguments:
         metadata={"help": "std of the id-token rows at initialisation (default: as the rest of the embedding)"},
     )
     id_embedding_init: str = field(
-        default="random",
-        metadata={"help": "random; collaborative: the first --id_embedding_init_dims columns of each user and "
+        default="auto",
+        metadata={"help": "auto (default): typed-collaborative where every id is one token of a model built here, "
+                  "else random (measured on MI validation: yes/no NDCG@10 .045 -> .079, bench/README.md); random; "
+                  "collaborative: the first --id_embedding_init_dims columns of each user and "
                   "item row start from the training interactions (log-count, rating bias, spectral factors of "
                   "the user-item matrix); typed: every item row one shared vector plus --id_type_noise noise "
                   "(users: another); typed-collaborative: both (p5rec/train/warmstart.py)"},
@@ -98,8 +100,8 @@ class ModelArguments:
             raise ValueError("--id_embedding_lr_multiplier and --id_embedding_init_std need id tokens (--id_form token)")
         if self.id_embedding_init not in ID_INITS:
             raise ValueError(f"--id_embedding_init {self.id_embedding_init!r}: choose one of {', '.join(ID_INITS)}")
-        if self.id_embedding_init != "random" and self.id_form != "token":
-            raise ValueError("--id_embedding_init collaborative needs id tokens (--id_form token)")
+        if self.id_embedding_init not in ("auto", "random") and self.id_form != "token":
+            raise ValueError(f"--id_embedding_init {self.id_embedding_init} needs id tokens (--id_form token)")
         if self.id_embedding_lr_multiplier <= 0 or self.embedding_lr_multiplier <= 0:
             raise ValueError("--embedding_lr_multiplier and --id_embedding_lr_multiplier must be positive")
 
@@ -242,6 +244,21 @@ def parse_args(argv: list[str] | None = None):
 def default_output_dir(margs: ModelArguments, dargs: DataArguments) -> str:
     name = Path(dargs.dataset).name.replace(".json.gz", "")
     return str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{margs.preset}-{dargs.index}")
+
+
+def resolve_id_init(margs: ModelArguments, prepared, model_name_or_path: str | None = None) -> str:
+    """The id-row start a run uses. ``auto`` (the default) is typed-collaborative where every id is one token of a
+    model built here, and random otherwise (ids as text, collaborative multi-level ids, a pretrained checkpoint
+    whose rows are kept as they are); asked for by name where it cannot apply, it is an error."""
+    flat = margs.id_form == "token" and not any("-" in v for v in prepared.index.items.values())
+    if margs.id_embedding_init == "auto":
+        if not flat or model_name_or_path:
+            return "random"
+        return "typed-collaborative" if prepared.has_family("sequential") else "typed"
+    if margs.id_embedding_init != "random" and not flat:
+        raise ValueError(f"--id_embedding_init {margs.id_embedding_init} needs one token per item (--id_form token "
+                         "with --index random or sequential)")
+    return margs.id_embedding_init
 
 
 def prepare_data(dargs: DataArguments, seed: int):
@@ -467,14 +484,16 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         with torch.no_grad():
             weight = model.get_input_embeddings().weight
             weight[id_rows] = torch.randn(len(id_rows), weight.shape[1]) * margs.id_embedding_init_std
-    if margs.id_embedding_init != "random" and not targs.resume_from_checkpoint:
+    id_init = resolve_id_init(margs, prepared, model_name_or_path=margs.model_name_or_path)
+    mix_info["id_embedding_init"] = id_init
+    if id_init != "random" and not targs.resume_from_checkpoint:
         from p5rec.train.warmstart import prepared_vectors, write_rows
 
-        collab = margs.id_embedding_init in ("collaborative", "typed-collaborative")
+        collab = id_init in ("collaborative", "typed-collaborative")
         mix_info["id_rows_written"] = write_rows(
             model.get_input_embeddings().weight, tokenizer, prepared.index,
             prepared_vectors(prepared, margs.id_embedding_init_dims, targs.seed) if collab else None,
-            users=not dargs.anonymous_users, typed=margs.id_type_noise if "typed" in margs.id_embedding_init else 0.0,
+            users=not dargs.anonymous_users, typed=margs.id_type_noise if "typed" in id_init else 0.0,
             seed=targs.seed)
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
