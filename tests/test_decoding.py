@@ -12,11 +12,11 @@ from p5rec.prompts.tokenizer import build_tokenizer, train_sentencepiece
 WORDS = ["find the item", "recommend", "yes", "no", "next one please", "good strings"] * 20
 
 
-def _setup(surfaces: dict[str, str]):
+def _setup(surfaces: dict[str, str], **shape):
     torch.manual_seed(0)
     ids = sorted({t for s in surfaces.values() for t in s.replace("><", "> <").split()})
     tok = build_tokenizer(train_sentencepiece(WORDS, vocab_size=60), ids)
-    model = build_model("tiny", tok)
+    model = build_model("tiny", tok, **shape)
     return tok, model
 
 
@@ -102,13 +102,16 @@ def test_choice_logprobs_and_generation_shapes():
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
 
 
-def test_trie_beam_search_is_exact_when_exhaustive():
+@pytest.mark.parametrize("shape", [{}, {"num_layers": 1, "num_decoder_layers": 2}],
+                         ids=["preset", "decoder-deeper-than-encoder"])
+def test_trie_beam_search_is_exact_when_exhaustive(shape):
     """Beams >= items: every item comes back with log P(spelling + EOS | prompt) equal to the teacher-forced
-    value, in the same order; narrower beams return true scores too. One item's spelling is a prefix of others'."""
+    value, in the same order; narrower beams return true scores too. One item's spelling is a prefix of others'.
+    A decoder deeper than its encoder (the Beauty recipe's shape) keeps a cache layer per decoder layer."""
     from p5rec.eval.decoding import _encode, _rank_by_loglik, trie_beam_search
 
     surfaces = {**MULTI, "short": "<a2>"}
-    tok, model = _setup(surfaces)
+    tok, model = _setup(surfaces, **shape)
     model.eval()
     trie = ItemTrie.from_surfaces(tok, surfaces)
     prompts = ["recommend", "next one please good strings", "find the item"]

@@ -302,7 +302,9 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int,
     tokens = torch.full((n_prompts, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
     if prefix is not None and prefix.shape[1]:
         tokens = torch.cat([tokens, prefix.to(device)], dim=1)
-    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    # no config: DynamicCache(config=) sizes itself by num_layers, the *encoder* depth, and a decoder deeper than
+    # its encoder (the Beauty recipe: 1 + 2 layers) then fails at its second layer; unsized, it grows per layer
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     decoder = model.get_decoder()
     scale = model.config.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", True) else 1.0
     finished: list[list[tuple[str, float]]] = [[] for _ in tries]
