@@ -13,6 +13,33 @@ USERS = sorted({u for u, _ in PAIRS} | {"c0"})  # c0 has no training interaction
 ITEMS = sorted({i for _, i in PAIRS} | {"z9"})
 
 
+class _Index:
+    """One token per id: users <u0>.., items <i0>.. (what write_rows reads of p5rec's Index)."""
+
+    def __init__(self):
+        self.users = {u: str(k) for k, u in enumerate(USERS)}
+        self.items = {i: str(k) for k, i in enumerate(ITEMS)}
+
+    def user_text(self, raw, form):
+        return f"<u{self.users[raw]}>"
+
+    def item_text(self, raw, form):
+        return f"<i{self.items[raw]}>"
+
+
+def _vocab(index, words):
+    tokens = words + [index.user_text(u, "token") for u in USERS] + [index.item_text(i, "token") for i in ITEMS]
+    return {t: k for k, t in enumerate(tokens)}
+
+
+def _tokenizer(vocab):
+    class Tok:
+        def convert_tokens_to_ids(self, tokens):
+            return [vocab[t] for t in tokens]
+
+    return Tok
+
+
 def _vectors(ratings=None, dim=6):
     users, items = zip(*PAIRS)
     return collaborative_vectors((list(users), list(items)), USERS, ITEMS, ratings, dim=dim)
@@ -47,23 +74,9 @@ def test_rating_bias_coordinate_orders_users_by_how_they_rate():
 
 
 def test_rows_are_written_at_the_embeddings_scale_and_multi_level_ids_are_refused():
-    class Index:
-        users = {u: str(k) for k, u in enumerate(USERS)}
-        items = {i: str(k) for k, i in enumerate(ITEMS)}
-
-        def user_text(self, raw, form):
-            return f"<u{self.users[raw]}>"
-
-        def item_text(self, raw, form):
-            return f"<i{self.items[raw]}>"
-
-    index = Index()
-    vocab = {t: k for k, t in enumerate(["<pad>", "the"] + [index.user_text(u, "token") for u in USERS]
-                                         + [index.item_text(i, "token") for i in ITEMS])}
-
-    class Tok:
-        def convert_tokens_to_ids(self, tokens):
-            return [vocab[t] for t in tokens]
+    index = _Index()
+    vocab = _vocab(index, ["<pad>", "the"])
+    Tok = _tokenizer(vocab)
 
     torch.manual_seed(0)
     weight = torch.randn(len(vocab), 16)
@@ -84,23 +97,9 @@ def test_rows_are_written_at_the_embeddings_scale_and_multi_level_ids_are_refuse
 
 
 def test_typed_rows_share_one_direction_per_side():
-    class Index:
-        users = {u: str(k) for k, u in enumerate(USERS)}
-        items = {i: str(k) for k, i in enumerate(ITEMS)}
-
-        def user_text(self, raw, form):
-            return f"<u{self.users[raw]}>"
-
-        def item_text(self, raw, form):
-            return f"<i{self.items[raw]}>"
-
-    index = Index()
-    toks = ["<pad>"] + [index.user_text(u, "token") for u in USERS] + [index.item_text(i, "token") for i in ITEMS]
-    vocab = {t: k for k, t in enumerate(toks)}
-
-    class Tok:
-        def convert_tokens_to_ids(self, tokens):
-            return [vocab[t] for t in tokens]
+    index = _Index()
+    vocab = _vocab(index, ["<pad>"])
+    Tok = _tokenizer(vocab)
 
     torch.manual_seed(0)
     weight = torch.randn(len(vocab), 64)
