@@ -92,14 +92,20 @@ def test_trie_rejects_colliding_spellings():
         ItemTrie({"a": (5, 1), "b": (5, 1)}, eos_id=1)
 
 
-def test_choice_logprobs_and_generation_shapes():
-    tok, model = _setup(SINGLE)
+@pytest.mark.parametrize("shape", [{}, {"num_layers": 1, "num_decoder_layers": 2}],
+                         ids=["preset", "decoder-deeper-than-encoder"])
+def test_choice_logprobs_and_generation_shapes(shape):
+    tok, model = _setup(SINGLE, **shape)
     lp = choice_logprobs(model, tok, ["recommend", "good strings", "yes"], ["yes", "no", "next one"])
     assert lp.shape == (3, 3) and np.all(lp < 0)
     # probabilities of full answers are consistent with first-token masses: P(yes)+P(no) <= 1
     assert np.all(np.exp(lp[:, 0]) + np.exp(lp[:, 1]) <= 1 + 1e-6)
     out = generate_text(model, tok, ["recommend", "good strings"], max_new_tokens=4)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    # beams reorder and expand the cache: beam search runs on every shape too (the evaluation's text decoding)
+    beam = generate_text(model, tok, ["recommend", "good strings"], max_new_tokens=4, num_beams=3,
+                         no_repeat_ngram_size=2)
+    assert len(beam) == 2 and all(isinstance(o, str) for o in beam)
 
 
 @pytest.mark.parametrize("shape", [{}, {"num_layers": 1, "num_decoder_layers": 2}],

@@ -493,9 +493,14 @@ def generate_text(
         extra["no_repeat_ngram_size"] = int(no_repeat_ngram_size)
     if repetition_penalty != 1.0:
         extra["repetition_penalty"] = float(repetition_penalty)
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
     for idx, texts in _batches(sources, batch_size, desc):
         enc = _encode(tokenizer, texts, max_source_length, model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **extra)
+        # generate() would size its cache by num_layers, the encoder's depth (see trie_beam_search)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                             past_key_values=cache, **extra)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             results[i] = text.strip()
     return results
