@@ -80,3 +80,53 @@ def test_protocol_scores_its_first_template(opened, name):
     assert all(math.isfinite(v) for k, v in r.metrics.items() if not k.endswith("_valid"))  # _valid: NaN if none parse
     assert all("source" in e for e in r.examples)
     CHECKS[name](r.metrics)
+
+
+# ------------------------------------------------------------------ the prompt-reliance control
+def _reliance(opened, families=("rating", "explanation"), cases=12):
+    from p5rec.eval.evaluation import prompt_reliance
+
+    run, prepared = opened
+    chosen = [t for t in run.templates if t.family in families and t.seen]
+    cfg = EvalConfig(split="test", reliance_cases=cases, progress=False, max_source_length=run.max_source_length)
+    return chosen, prompt_reliance(run.model, run.tokenizer, prepared, chosen, cfg, run.render_config, run.templates)
+
+
+def test_prompt_reliance_is_zero_for_a_model_that_cannot_see_its_prompt(opened, monkeypatch):
+    """Every prompt encoded as the same text: the answers cannot depend on the case, the gain is 0 to float
+    precision, and the report flags each family as not read."""
+    from p5rec.eval import decoding
+    from p5rec.eval.evaluation import results_markdown, unread_families
+
+    real = decoding._encode
+    monkeypatch.setattr(decoding, "_encode", lambda tok, texts, n, dev: real(tok, ["x"] * len(texts), n, dev))
+    chosen, rel = _reliance(opened)
+    assert set(rel["templates"]) == {t.id for t in chosen}
+    assert all(r["n"] == 12 and abs(r["gain"]) < 1e-4 and r["nll"] > 0 for r in rel["templates"].values())
+    report = {"prompt_reliance": rel}
+    assert sorted(f for f, _ in unread_families(report)) == ["explanation", "rating"]
+
+
+def test_prompt_reliance_gives_no_case_its_own_prompt(opened, monkeypatch):
+    """A scorer that knows each case's own prompt (log P = -1 under it, -3 under any other): the control must
+    move every case to another's prompt (gain exactly 2 nats per token), and per-token means weigh tokens."""
+    from p5rec.eval import decoding
+    from p5rec.eval.evaluation import unread_families
+
+    calls: list[list[str]] = []  # the control scores a template's cases under their own prompts, then moved
+
+    def fake(model, tokenizer, sources, targets, **kw):
+        import numpy as np
+
+        calls.append(list(sources))
+        mine = calls[-1] if len(calls) % 2 else calls[-2]  # each case's own prompt, in the targets' order
+        logp = np.array([-1.0 if s == m else -3.0 for s, m in zip(sources, mine)])
+        return logp, np.ones(len(sources), dtype=int)
+
+    monkeypatch.setattr(decoding, "target_logprobs", fake)
+    _, rel = _reliance(opened)
+    assert len(calls) == 2 * len(rel["templates"])
+    # two cases may render the same prompt (then the moved one is "its own"): rare, never most of a template
+    assert all(r["nll"] == 1.0 and r["gain"] > 1.0 for r in rel["templates"].values())
+    assert sum(r["gain"] == 2.0 for r in rel["templates"].values()) >= len(rel["templates"]) // 2
+    assert unread_families({"prompt_reliance": rel}) == []

@@ -468,6 +468,33 @@ def choice_logprobs(
 
 
 @torch.no_grad()
+def target_logprobs(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 64,
+    max_source_length: int = 256,
+    max_target_length: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced log P(target | source) per pair (summed over the target's tokens, EOS included, normalised
+    as the model was trained) and the number of target tokens, both [n]."""
+    model.eval()
+    logp = np.zeros(len(sources), dtype=np.float64)
+    count = np.zeros(len(sources), dtype=np.int64)
+    for idx, texts in _batches(sources, batch_size, None):
+        enc = _encode(tokenizer, texts, max_source_length, model.device)
+        labels = tokenizer(text_target=[targets[i] for i in idx], return_tensors="pt", padding=True,
+                           truncation=True, max_length=max_target_length).input_ids
+        labels[labels == tokenizer.pad_token_id] = -100
+        labels = labels.to(model.device)
+        encoder_out = model.get_encoder()(**enc)
+        logp[idx] = _sequence_logprob(model, encoder_out, enc["attention_mask"], labels).cpu().numpy()
+        count[idx] = (labels != -100).sum(-1).cpu().numpy()
+    return logp, count
+
+
+@torch.no_grad()
 def generate_text(
     model,
     tokenizer,

@@ -72,6 +72,7 @@ class EvalConfig:
     baselines: bool = True
     sasrec: bool = True  # SASRec beside the sequential family (trained on the run's training sequences)
     progress: bool = True  # a progress bar per template
+    reliance_cases: int = 256  # cases per template for the prompt-reliance control (prompt_reliance); 0: skip it
 
 
 @dataclass
@@ -372,6 +373,74 @@ def _sampled_rows(prepared, template, cfg: EvalConfig, render_config, templates)
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(ds), size=cfg.max_cases, replace=False))
         ds = ds.select(idx.tolist())
     return ds.select_columns(["source", "target", "answer", "candidates"])[:]
+
+
+# ----------------------------------------------------------------------------- does the model read its prompt?
+PROMPT_READ_FLOOR = 0.01  # nats per answer token: a family whose seen templates gain less answers from the words
+
+
+def prompt_reliance(model, tokenizer, prepared, chosen, cfg: EvalConfig, render_config, templates,
+                    trained: set[str] | None = None) -> dict:
+    """A control beside the metrics: does the model read what the prompt says about the case?
+
+    For each template, up to ``cfg.reliance_cases`` rendered cases of ``cfg.split`` (the renderer's own rows,
+    seeded) are scored by teacher forcing twice: the answer under its own prompt, and under the prompt of another
+    case of the same template (a seeded derangement: no case keeps its own). The template's words are the same in
+    both; only the user, item, history, candidates or hint differ. ``gain`` = log-loss under another case's prompt
+    minus under its own, in nats per answer token. A model that answers from the template's words alone (the
+    marginal distribution of answers) has a gain near 0, however its ranking metrics compare with popularity:
+    such a row measures the marginal, not personalization.
+
+    Returns {"templates": {id: {family, seen, n, nll, nll_other_prompt, gain}}, "families": {family: {seen,
+    unseen}: mean gain over those templates}}.
+    """
+    from p5rec.prompts.templates import render_split
+
+    per: dict[str, dict] = {}
+    rng = np.random.default_rng(cfg.seed)
+    by_family: dict[str, list[str]] = {}
+    for t in chosen:
+        by_family.setdefault(t.family, []).append(t.id)
+    seen_of = {t.id: (t.id in trained) if trained is not None else t.seen for t in chosen}
+    for fam, ids in by_family.items():
+        config = replace(render_config, template_ids=ids, include_unseen=True, seed=cfg.seed)
+        rows = render_split(prepared, fam, cfg.split, config, templates).select_columns(
+            ["source", "target", "template"])[:]
+        which = np.asarray(rows["template"])
+        for tid in ids:
+            idx = np.flatnonzero(which == tid)
+            if cfg.reliance_cases and len(idx) > cfg.reliance_cases:
+                idx = np.sort(rng.choice(idx, size=cfg.reliance_cases, replace=False))
+            if len(idx) < 2:
+                continue
+            src = [rows["source"][i] for i in idx]
+            tgt = [rows["target"][i] for i in idx]
+            order = rng.permutation(len(idx))
+            other = np.empty_like(order)
+            other[order] = np.roll(order, -1)  # case order[j] gets the prompt of case order[j + 1]
+            kw = dict(batch_size=cfg.batch_size, max_source_length=cfg.max_source_length or 256)
+            own, count = decoding.target_logprobs(model, tokenizer, src, tgt, **kw)
+            moved, _ = decoding.target_logprobs(model, tokenizer, [src[i] for i in other], tgt, **kw)
+            tokens = max(int(count.sum()), 1)
+            nll, nll_other = -own.sum() / tokens, -moved.sum() / tokens
+            per[tid] = {"family": fam, "seen": seen_of[tid], "n": len(idx), "nll": float(nll),
+                        "nll_other_prompt": float(nll_other), "gain": float(nll_other - nll)}
+    families: dict[str, dict] = {}
+    for r in per.values():
+        families.setdefault(r["family"], {"seen": [], "unseen": []})["seen" if r["seen"] else "unseen"].append(r)
+    summary = {}
+    for fam, groups in families.items():
+        summary[fam] = {g: ({"gain": float(np.mean([r["gain"] for r in rs])),
+                             "nll": float(np.mean([r["nll"] for r in rs])),
+                             "nll_other_prompt": float(np.mean([r["nll_other_prompt"] for r in rs])),
+                             "templates": len(rs)} if rs else None) for g, rs in groups.items()}
+    return {"templates": per, "families": summary}
+
+
+def unread_families(report: dict) -> list[tuple[str, float]]:
+    """(family, mean gain over its seen templates) of every family below :data:`PROMPT_READ_FLOOR`."""
+    fams = (report.get("prompt_reliance") or {}).get("families", {})
+    return [(f, g["seen"]["gain"]) for f, g in fams.items() if g.get("seen") and g["seen"]["gain"] < PROMPT_READ_FLOOR]
 
 
 def _is_item_choice(template) -> bool:
@@ -709,8 +778,15 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "families": aggregate(results),
         "baselines": run_baselines(prepared, cfg, {f: templates.family_info(f) for f in templates.families})
         if cfg.baselines else {},
-        "seconds": round(time.time() - started, 1),
     }
+    if cfg.reliance_cases:
+        t1 = time.time()
+        report["prompt_reliance"] = prompt_reliance(model, tokenizer, prepared, chosen, cfg, render_config,
+                                                    templates, set(trained) if trained is not None else None)
+        logger.info("prompt reliance (nats per answer token gained by the case's own prompt): %s (%.1fs)",
+                    {f: round(g["seen"]["gain"], 4) for f, g in report["prompt_reliance"]["families"].items()
+                     if g.get("seen")}, time.time() - t1)
+    report["seconds"] = round(time.time() - started, 1)
     specs = {f: templates.family_info(f) for f in templates.families}
     report["headline"] = headline_rows(report, specs)
     images = _draw_plots(run_dir, report, out, specs)
@@ -809,6 +885,27 @@ def results_markdown(report: dict, images: list[tuple[str, str]] = (),
         lines += [f"**Degenerate text** (distinct-2 below {DEGENERATE_DISTINCT2:g}: one output for nearly every case): "
                   + ", ".join(f"{t} ({v:.2f})" for t, v in bad)
                   + ". Read their ROUGE against the most-common-text baseline, not as generation.", ""]
+    reliance = (report.get("prompt_reliance") or {}).get("families")
+    if reliance:
+        lines += ["## Does the model read its prompt?", "",
+                  "Log-loss of the answers (nats per answer token, mean over templates) under each case's own "
+                  "prompt and under another case's prompt of the same template: the words are the same, the user, "
+                  "item, history, candidates or hint are not. The gain is what the case's details are worth to "
+                  "the model; near 0, it answers from the template's words alone.", "",
+                  "| family | templates | own prompt | another case's prompt | gain |", "|---|---|---|---|---|"]
+        for fam, groups in reliance.items():
+            for group in ("seen", "unseen"):
+                g = groups.get(group)
+                if g:
+                    lines.append(f"| {fam} | {g['templates']} {group} | {g['nll']:.4f} | "
+                                 f"{g['nll_other_prompt']:.4f} | {g['gain']:.4f} |")
+        lines.append("")
+        unread = unread_families(report)
+        if unread:
+            lines += [f"**Not read** (gain below {PROMPT_READ_FLOOR:g} nats on seen templates): "
+                      + ", ".join(f"{f} ({g:.4f})" for f, g in unread)
+                      + ". Their answers do not depend on the case: read their rows as the answers' marginal "
+                      "distribution, not as personalization.", ""]
     by_family: dict[str, list[dict]] = {}
     for r in report["templates"].values():
         by_family.setdefault(r["family"], []).append(r)
@@ -900,6 +997,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-sasrec", action="store_true", help="skip training SASRec as the sequential baseline")
+    p.add_argument("--reliance-cases", type=int_at_least(0), default=EvalConfig.reliance_cases,
+                   help="cases per template for the does-it-read-its-prompt control (0: skip it)")
     p.set_defaults(func=_cli)
 
 
@@ -916,6 +1015,7 @@ def _cli(args) -> int:
         exclude_history=args.exclude_history,
         baselines=not args.no_baselines,
         sasrec=not args.no_sasrec,
+        reliance_cases=args.reliance_cases,
     )
     if args.families:
         cfg.families = tuple(f.strip() for f in args.families.split(","))
