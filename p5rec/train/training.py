@@ -205,7 +205,7 @@ class DataArguments:
 # Main-job defaults for Seq2SeqTrainingArguments; any flag on the command line overrides them.
 TRAINING_DEFAULTS = dict(
     output_dir="",
-    max_steps=1800,
+    max_steps=2500,
     per_device_train_batch_size=64,
     per_device_eval_batch_size=128,
     learning_rate=3e-3,
@@ -214,9 +214,9 @@ TRAINING_DEFAULTS = dict(
     weight_decay=0.01,
     logging_steps=50,
     eval_strategy="steps",
-    eval_steps=450,
+    eval_steps=625,
     save_strategy="steps",
-    save_steps=900,
+    save_steps=1250,
     save_total_limit=2,
     seed=42,
     report_to="none",  # --report_to tensorboard (or any integration installed) logs loss and per-family metrics
