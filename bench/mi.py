@@ -52,6 +52,8 @@ CONFIGS = {
     # and the steps its speed frees (training without dropout ran 1.38x faster): the same training time; chosen on
     # validation and made the default ("main" since)
     "no-dropout-2500": ["--dropout_rate", "0", "--max_steps", "2500", "--eval_steps", "625", "--save_steps", "1250"],
+    # twice the text renders in the same steps: do the text families learn to read their hints and reviews?
+    "text-x2": ["--renders", "sequential=3,direct=2,rating=4,explanation=6,review=6"],
     # tiny (2 decoder layers) at 2.7x the speed: 2.8 epochs in the budget (measured with one thread beside
     # another job, without SASRec); with 8x the embedding learning rate
     "tiny-3ep": ["--preset", "tiny", "--num_decoder_layers", "2", "--dropout_rate", "0.2", "--max_steps", "4800",

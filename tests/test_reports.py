@@ -53,6 +53,11 @@ def test_model_card_metadata_and_body_come_from_the_run(tiny_run):
     assert "## Limitations" in body and "](results.png)" in body and "](learning_curve.png)" in body
     seq_row = next(r for r in results["headline"] if (r["family"], r["protocol"]) == ("sequential", "full ranking"))
     assert f"| sequential | full ranking | NDCG@10 | {seq_row['seen']:.4f} |" in body
+    # the prompt-reliance control is in the results, and a family it flags is named among the limitations
+    gains = {f: g["seen"]["gain"] for f, g in results["prompt_reliance"]["families"].items() if g.get("seen")}
+    assert set(gains) >= {"sequential", "rating"}
+    for fam, gain in gains.items():
+        assert (f"- {fam}: its answers do not depend on the case" in body) == (gain < 0.01)
 
 
 def test_card_is_refreshed_by_evaluation_and_never_replaces_a_users_readme(tiny_run, tmp_path):

@@ -248,6 +248,12 @@ def model_card(run_dir: str | Path) -> str:
         if (seen < base) if row["higher_is_better"] else (seen > base):
             limits.append(f"{row['family']} ({row['protocol']}): worse than the {row['baseline']} baseline on "
                           f"{row['metric']} ({_cell(seen)} against {_cell(base)}, seen templates).")
+    from p5rec.eval.evaluation import PROMPT_READ_FLOOR, unread_families
+
+    for fam, gain in unread_families(results or {}):
+        limits.append(f"{fam}: its answers do not depend on the case (the prompt-reliance control: the case's own "
+                      f"prompt is worth {gain:.4f} nats per answer token, under {PROMPT_READ_FLOOR:g}); its "
+                      "scores measure the answers' marginal distribution, not personalization.")
     limits.append(f"It learnt what the data holds, popularity biases included; the terms of {dataset}'s data "
                   "apply to anything derived from it.")
     parts += [f"- {line}" for line in limits]
