@@ -177,6 +177,31 @@ def test_deterministic_per_seed(shipped, prepared):
     assert rows(1) != rows(2)
 
 
+def test_template_weights_shift_renders_within_a_family(shipped, prepared):
+    def counts(weights):
+        cfg = RenderConfig(renders={"explanation": 20}, template_weights=weights)
+        return Counter(r["template"] for r in render_split(prepared, "explanation", "train", cfg, shipped).to_list())
+
+    even, hinted = counts({}), counts({"3-9": 50.0, "3-10": 0.0})
+    assert sum(even.values()) == sum(hinted.values())  # the family's share of the mixture is unchanged
+    assert hinted["3-9"] > 0.5 * sum(hinted.values()) > even["3-9"]
+    assert "3-10" not in hinted and even["3-10"] > 0
+
+
+def test_template_weights_flag_parses_and_rejects_bad_input():
+    from p5rec.train.training import DataArguments, _template_weights
+
+    args = DataArguments(template_weights="3-9=3, 3-10=0.5")
+    assert args.template_weight_map() == {"3-9": 3.0, "3-10": 0.5}
+    weights = _template_weights(args, load_templates())
+    assert weights["3-9"] == 3.0 and weights["5-5"] == args.candidate_template_weight
+    for bad in ("3-9", "3-9=x", "3-9=-1", "=2"):
+        with pytest.raises(ValueError, match="--template_weights: expected"):
+            DataArguments(template_weights=bad).template_weight_map()
+    with pytest.raises(ValueError, match="unknown template ids"):
+        _template_weights(DataArguments(template_weights="9-99=2"), load_templates())
+
+
 def test_token_and_text_forms(shipped):
     t = shipped.get("2-1")
     rec = {"user": "U3", "history": ["A5", "A9"], "target": "A2"}

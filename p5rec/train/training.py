@@ -130,6 +130,11 @@ class DataArguments:
         metadata={"help": "sampling weight of templates that list 100 candidates (~4x the tokens of the others; "
                   "restricted decoding already confines their answers to the candidates)"},
     )
+    template_weights: str = field(
+        default="",
+        metadata={"help": "sampling weight of templates within their family, id=weight comma-separated (default 1; "
+                  "candidate-list templates take --candidate_template_weight), e.g. 3-9=3,3-10=3"},
+    )
     max_review_words: int = field(default=32, metadata={"help": "review words shown in review prompts"})
     max_history: int = field(default=20, metadata={"help": "most recent items shown in a history"})
     sequence_renders: Optional[int] = field(
@@ -199,6 +204,20 @@ class DataArguments:
             if not n.strip().isdigit():
                 raise ValueError(f"--renders: expected family=N, got {part!r}")
             out[name.strip()] = int(n)
+        return out
+
+    def template_weight_map(self) -> dict[str, float]:
+        """``--template_weights`` as {template id: weight}."""
+        out = {}
+        for part in filter(str.strip, self.template_weights.split(",")):
+            name, _, w = part.partition("=")
+            try:
+                weight = float(w)
+            except ValueError:
+                weight = -1.0
+            if not name.strip() or not weight >= 0:
+                raise ValueError(f"--template_weights: expected template_id=weight (a number >= 0), got {part!r}")
+            out[name.strip()] = weight
         return out
 
 
@@ -454,9 +473,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         max_sequence=dargs.max_sequence,
         sequence_renders=dargs.sequence_render_count(templates),
         template_ids=dargs.template_list(),
-        template_weights={
-            t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"
-        },
+        template_weights=_template_weights(dargs, templates),
     )
     spec = MixtureSpec(
         families=dargs.family_list(),
@@ -594,6 +611,17 @@ def _draw(run_dir: Path, what: str, draw) -> None:
 def _wait_for_everyone(targs) -> None:
     if targs.world_size > 1:
         targs.distributed_state.wait_for_everyone()
+
+
+def _template_weights(dargs: DataArguments, templates) -> dict[str, float]:
+    """Sampling weights within each family: candidate-list templates at ``--candidate_template_weight``, then
+    ``--template_weights``."""
+    weights = {t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"}
+    given = dargs.template_weight_map()
+    unknown = [t for t in given if t not in templates]
+    if unknown:
+        raise ValueError(f"--template_weights: unknown template ids {unknown} (see `p5rec templates list`)")
+    return weights | given
 
 
 def _render_counts(dargs: DataArguments, templates) -> dict[str, int]:

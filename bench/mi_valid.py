@@ -1,0 +1,114 @@
+"""Validation comparisons of MI main-job variants: the numbers a default is chosen on.
+
+Each variant is trained with ``python train.py --skip_test true …`` and scored with ``p5rec evaluate --run <run>
+--split valid …``; this script keeps those scores beside the run's configuration and rebuilds the table.
+
+    python bench/mi_valid.py collect text-x2 runs/mi-text-x2   # every results-valid-*.json of the run, merged
+    python bench/mi_valid.py table                             # bench/results/mi-valid/table.md
+
+A run evaluated in parts (say ranking families, then text) has one ``results-valid-*.json`` per part; ``collect``
+merges them, the later file winning where both scored a template. A variant trained with another ``--seed`` has
+another split of the reviews and other candidates, so every row carries its own baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results" / "mi-valid"
+
+
+def merge(files: list[Path]) -> dict:
+    merged: dict = {}
+    for f in sorted(files, key=lambda p: p.stat().st_mtime):
+        r = json.loads(f.read_text())
+        for key in ("templates", "baselines"):
+            merged.setdefault(key, {}).update(r.get(key, {}))
+        for fam, protos in r.get("families", {}).items():
+            merged.setdefault("families", {}).setdefault(fam, {}).update(protos)
+        for fam, v in r.get("prompt_reliance", {}).get("families", {}).items():
+            merged.setdefault("prompt_reliance", {}).setdefault("families", {})[fam] = v
+        merged.setdefault("parts", []).append({"file": f.name, "eval_config": r.get("eval_config")})
+    return merged
+
+
+def collect(name: str, run_dir: Path) -> None:
+    files = sorted(run_dir.glob("results-valid-*.json"))
+    if not files:
+        sys.exit(f"{run_dir}: no results-valid-*.json (run `p5rec evaluate --run {run_dir} --split valid` first)")
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = merge(files)
+    config = json.loads((run_dir / "run_config.json").read_text())
+    results["run"] = str(run_dir)
+    results["seed"] = config.get("seed")
+    results["renders"] = config.get("render", {}).get("renders")
+    results["template_weights"] = config.get("render", {}).get("template_weights")
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (OUT / f"{name}-run-config.json").write_text(json.dumps(config, indent=2))
+    print(f"wrote {OUT / (name + '.json')} from {len(files)} file(s)")
+
+
+def _get(r: dict, *path):
+    for p in path:
+        if not isinstance(r, dict) or p not in r:
+            return None
+        r = r[p]
+    return r
+
+
+def _f(v, digits=4):
+    return "–" if v is None else f"{v:.{digits}f}".lstrip("0") if digits > 2 else f"{v:.{digits}f}"
+
+
+COLUMNS = [  # header, (family, protocol, metric) or a baseline, digits
+    ("yes/no NDCG@10", ("direct", "yes/no over candidates", "NDCG@10"), 4),
+    ("candidates NDCG@10", ("direct", "candidates", "NDCG@10"), 4),
+    ("sequential HR@10", ("sequential", "full ranking", "HR@10"), 4),
+    ("sequential NDCG@10", ("sequential", "full ranking", "NDCG@10"), 4),
+    ("rating RMSE_expected", ("rating", "rating", "RMSE_expected"), 4),
+    ("explanation ROUGE-L", ("explanation", "text", "ROUGE-L"), 2),
+    ("review ROUGE-L", ("review", "text", "ROUGE-L"), 2),
+]
+BASELINES = [("direct", "popularity", "NDCG@10", 4), ("sequential", "popularity", "NDCG@10", 4),
+             ("rating", "global mean", "RMSE", 4), ("explanation", "nearest training explanation", "ROUGE-L", 2)]
+
+
+def table() -> str:
+    rows = []
+    for f in sorted(OUT.glob("*.json")):
+        if f.name.endswith("-run-config.json"):
+            continue
+        r = json.loads(f.read_text())
+        renders = r.get("renders") or {}
+        mix = "/".join(str(renders.get(k, "?")) for k in ("sequential", "direct", "rating", "explanation", "review"))
+        cells = [_f(_get(r, "families", fam, proto, "seen", m), d) for _, (fam, proto, m), d in COLUMNS]
+        base = [_f(_get(r, "baselines", fam, b, m), d) for fam, b, m, d in BASELINES]
+        gains = _get(r, "prompt_reliance", "families") or {}
+        gain = ", ".join(f"{fam} {_f(_get(v, 'seen', 'gain'))}" for fam, v in gains.items())
+        rows.append(f"| {f.stem} | {r.get('seed')} | {mix} | " + " | ".join(cells) + f" | {' / '.join(base)} | {gain} |")
+    head = ["variant", "seed", "renders s/d/r/e/v", *[c[0] for c in COLUMNS],
+            "baselines: popularity (direct / seq) / global mean / nearest explanation", "prompt gain (seen)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="keep a run's validation results under a variant name")
+    c.add_argument("name")
+    c.add_argument("run", type=Path)
+    sub.add_parser("table", help="write bench/results/mi-valid/table.md from the collected variants")
+    args = ap.parse_args(argv)
+    if args.cmd == "collect":
+        collect(args.name, args.run)
+    else:
+        text = table()
+        (OUT / "table.md").write_text(text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
