@@ -54,6 +54,9 @@ CONFIGS = {
     "no-dropout-2500": ["--dropout_rate", "0", "--max_steps", "2500", "--eval_steps", "625", "--save_steps", "1250"],
     # twice the text renders in the same steps: do the text families learn to read their hints and reviews?
     "text-x2": ["--renders", "sequential=3,direct=2,rating=4,explanation=6,review=6"],
+    # the main job with another seed: another split of the reviews, other ids, candidates, negatives and weights;
+    # how far the main job's numbers move between runs that differ only by chance
+    "seed-1": ["--seed", "1"],
     # tiny (2 decoder layers) at 2.7x the speed: 2.8 epochs in the budget (measured with one thread beside
     # another job, without SASRec); with 8x the embedding learning rate
     "tiny-3ep": ["--preset", "tiny", "--num_decoder_layers", "2", "--dropout_rate", "0.2", "--max_steps", "4800",
@@ -125,6 +128,12 @@ def table() -> str:
         parts.append(f"test evaluation {r['seconds']} s")
         cmd = " ".join(["python train.py", *CONFIGS[n]])
         lines.append(f"- `{n}`: `{cmd}`; " + ", ".join(parts))
+        main_fp = res.get("main", res[done[-1]]).get("manifest_fingerprint")
+        if r.get("manifest_fingerprint") != main_fp:  # another seed: another split, other candidates
+            own = [f"{fam} {bn} " + " / ".join(f"{k} {_fmt(v, k)}" for k in keys if k != "invalid"
+                                               and (v := r["baselines"][fam][bn].get(k)) is not None)
+                   for fam, _, keys, bnames in rows(res) for bn in bnames if bn in r["baselines"].get(fam, {})]
+            lines.append(f"  - its split differs, so its own baselines (the table's are main's): {'; '.join(dict.fromkeys(own))}")
     return "\n".join(lines) + "\n"
 
 

@@ -59,7 +59,9 @@ def _get(r: dict, *path):
 
 
 def _f(v, digits=4):
-    return "–" if v is None else f"{v:.{digits}f}".lstrip("0") if digits > 2 else f"{v:.{digits}f}"
+    if v is None:
+        return "–"
+    return f"{v:.{digits}f}".replace("0.", ".", 1) if digits > 2 else f"{v:.{digits}f}"
 
 
 COLUMNS = [  # header, (family, protocol, metric) or a baseline, digits

@@ -1,0 +1,52 @@
+"""bench/mi_valid.py: validation scores kept beside the run's configuration, merged across partial evaluations,
+and the table rebuilt from them."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def mi_valid(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("mi_valid", ROOT / "bench" / "mi_valid.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "OUT", tmp_path / "out")
+    return mod
+
+
+def _part(run: Path, name: str, families: dict, baselines: dict, gains: dict, mtime: int) -> None:
+    f = run / f"results-valid-{name}.json"
+    f.write_text(json.dumps({"families": families, "baselines": baselines, "templates": {},
+                             "prompt_reliance": {"families": gains}, "eval_config": {"split": "valid"}}))
+    os.utime(f, (mtime, mtime))
+
+
+def test_collect_merges_partial_evaluations_and_table_rebuilds(mi_valid, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"seed": 7, "render": {
+        "renders": {"sequential": 3, "direct": 2, "rating": 4, "explanation": 6, "review": 6}}}))
+    _part(run, "a", {"rating": {"rating": {"seen": {"RMSE_expected": 0.95}}}},
+          {"rating": {"global mean": {"RMSE": 0.96}}}, {"rating": {"seen": {"gain": 0.05}}}, 1000)
+    _part(run, "b", {"explanation": {"text": {"seen": {"ROUGE-L": 11.4}}}},
+          {"explanation": {"nearest training explanation": {"ROUGE-L": 12.16}}},
+          {"explanation": {"seen": {"gain": -0.0001}}}, 2000)
+    mi_valid.collect("x2", run)
+    kept = json.loads((tmp_path / "out" / "x2.json").read_text())
+    assert set(kept["families"]) == {"rating", "explanation"} and kept["seed"] == 7
+    assert [p["file"] for p in kept["parts"]] == ["results-valid-a.json", "results-valid-b.json"]
+    row = next(line for line in mi_valid.table().splitlines() if line.startswith("| x2 "))
+    assert "| 7 | 3/2/4/6/6 |" in row and "| .9500 |" in row and "| 11.40 |" in row
+    assert "– / – / .9600 / 12.16" in row and "rating .0500, explanation -.0001" in row
+
+
+def test_collect_without_validation_results_says_what_to_run(mi_valid, tmp_path):
+    with pytest.raises(SystemExit, match="p5rec evaluate --run"):
+        mi_valid.collect("none", tmp_path)
