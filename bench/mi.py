@@ -119,6 +119,7 @@ def table() -> str:
             cells = [f"{g[part]['gain']:.4f}" if g.get(part) else "–" for g in groups for part in ("seen", "unseen")]
             lines.append(f"| {fam} (reads its prompt) | gain, nats/token | " + " | ".join(cells) + " | |")
     lines.append("")
+    main_fp = res.get("main", res[done[-1]]).get("manifest_fingerprint") if done else None
     for n in done:
         r = res[n]
         tr = r.get("train_results", {})
@@ -128,7 +129,6 @@ def table() -> str:
         parts.append(f"test evaluation {r['seconds']} s")
         cmd = " ".join(["python train.py", *CONFIGS[n]])
         lines.append(f"- `{n}`: `{cmd}`; " + ", ".join(parts))
-        main_fp = res.get("main", res[done[-1]]).get("manifest_fingerprint")
         if r.get("manifest_fingerprint") != main_fp:  # another seed: another split, other candidates
             own = [f"{fam} {bn} " + " / ".join(f"{k} {_fmt(v, k)}" for k in keys if k != "invalid"
                                                and (v := r["baselines"][fam][bn].get(k)) is not None)

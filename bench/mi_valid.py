@@ -4,6 +4,7 @@ Each variant is trained with ``python train.py --skip_test true …`` and scored
 --split valid …``; this script keeps those scores beside the run's configuration and rebuilds the table.
 
     python bench/mi_valid.py collect text-x2 runs/mi-text-x2   # every results-valid-*.json of the run, merged
+                                                               # (--overwrite replaces a variant kept before)
     python bench/mi_valid.py table                             # bench/results/mi-valid/table.md
 
 A run evaluated in parts (say ranking families, then text) has one ``results-valid-*.json`` per part; ``collect``
@@ -34,10 +35,14 @@ def merge(files: list[Path]) -> dict:
     return merged
 
 
-def collect(name: str, run_dir: Path) -> None:
+def collect(name: str, run_dir: Path, overwrite: bool = False) -> None:
     files = sorted(run_dir.glob("results-valid-*.json"))
     if not files:
         sys.exit(f"{run_dir}: no results-valid-*.json (run `p5rec evaluate --run {run_dir} --split valid` first)")
+    if not (run_dir / "run_config.json").is_file():
+        sys.exit(f"{run_dir}: no run_config.json (not a run directory written by train.py)")
+    if (OUT / f"{name}.json").exists() and not overwrite:
+        sys.exit(f"{OUT / (name + '.json')} exists: pick another name, or pass --overwrite to replace it")
     OUT.mkdir(parents=True, exist_ok=True)
     results = merge(files)
     config = json.loads((run_dir / "run_config.json").read_text())
@@ -102,10 +107,11 @@ def main(argv=None) -> None:
     c = sub.add_parser("collect", help="keep a run's validation results under a variant name")
     c.add_argument("name")
     c.add_argument("run", type=Path)
+    c.add_argument("--overwrite", action="store_true", help="replace a variant already kept under this name")
     sub.add_parser("table", help="write bench/results/mi-valid/table.md from the collected variants")
     args = ap.parse_args(argv)
     if args.cmd == "collect":
-        collect(args.name, args.run)
+        collect(args.name, args.run, args.overwrite)
     else:
         text = table()
         (OUT / "table.md").write_text(text)

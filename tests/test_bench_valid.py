@@ -47,6 +47,19 @@ def test_collect_merges_partial_evaluations_and_table_rebuilds(mi_valid, tmp_pat
     assert "– / – / .9600 / 12.16" in row and "rating .0500, explanation -.0001" in row
 
 
+def test_collect_never_replaces_a_kept_variant_unasked(mi_valid, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"seed": 1}))
+    _part(run, "a", {}, {}, {}, 1000)
+    mi_valid.collect("v", run)
+    kept = (tmp_path / "out" / "v.json").read_text()
+    with pytest.raises(SystemExit, match="exists: pick another name, or pass --overwrite"):
+        mi_valid.collect("v", run)
+    assert (tmp_path / "out" / "v.json").read_text() == kept
+    mi_valid.collect("v", run, overwrite=True)
+
+
 def test_collect_without_validation_results_says_what_to_run(mi_valid, tmp_path):
     with pytest.raises(SystemExit, match="p5rec evaluate --run"):
         mi_valid.collect("none", tmp_path)
