@@ -48,7 +48,9 @@ def collect(name: str, run_dir: Path, overwrite: bool = False) -> None:
     config = json.loads((run_dir / "run_config.json").read_text())
     results["run"] = str(run_dir)
     results["seed"] = config.get("seed")
-    results["renders"] = config.get("render", {}).get("renders")
+    trained = (config.get("data", {}).get("families") or "").split(",")
+    results["renders"] = {f: n for f, n in (config.get("render", {}).get("renders") or {}).items()
+                          if f in trained or trained == [""]}
     results["template_weights"] = config.get("render", {}).get("template_weights")
     (OUT / f"{name}.json").write_text(json.dumps(results, indent=2))
     (OUT / f"{name}-run-config.json").write_text(json.dumps(config, indent=2))
@@ -80,6 +82,19 @@ COLUMNS = [  # header, (family, protocol, metric) or a baseline, digits
 ]
 BASELINES = [("direct", "popularity", "NDCG@10", 4), ("sequential", "popularity", "NDCG@10", 4),
              ("rating", "global mean", "RMSE", 4), ("explanation", "nearest training explanation", "ROUGE-L", 2)]
+# the seen explanation templates that name the feature word ("..., mentioning price."): what copying it is worth
+HINT_TEMPLATES = ("3-9", "3-10", "3-11")
+
+
+def _hint_rouge(r: dict):
+    scores = [_get(r, "templates", t, "metrics", "ROUGE-L") for t in HINT_TEMPLATES]
+    return None if None in scores else sum(scores) / len(scores)
+
+
+def _weights(r: dict) -> str:
+    """Template weights other than the candidate-list default (0.3), e.g. ``3-9=30``."""
+    w = {t: v for t, v in (r.get("template_weights") or {}).items() if v != 0.3}
+    return ", ".join(f"{t}={v:g}" for t, v in w.items()) or "–"
 
 
 def table() -> str:
@@ -89,13 +104,16 @@ def table() -> str:
             continue
         r = json.loads(f.read_text())
         renders = r.get("renders") or {}
-        mix = "/".join(str(renders.get(k, "?")) for k in ("sequential", "direct", "rating", "explanation", "review"))
+        mix = "/".join(str(renders.get(k, "–")) for k in ("sequential", "direct", "rating", "explanation", "review"))
         cells = [_f(_get(r, "families", fam, proto, "seen", m), d) for _, (fam, proto, m), d in COLUMNS]
+        cells.insert(6, _f(_hint_rouge(r), 2))
         base = [_f(_get(r, "baselines", fam, b, m), d) for fam, b, m, d in BASELINES]
         gains = _get(r, "prompt_reliance", "families") or {}
         gain = ", ".join(f"{fam} {_f(_get(v, 'seen', 'gain'))}" for fam, v in gains.items())
-        rows.append(f"| {f.stem} | {r.get('seed')} | {mix} | " + " | ".join(cells) + f" | {' / '.join(base)} | {gain} |")
-    head = ["variant", "seed", "renders s/d/r/e/v", *[c[0] for c in COLUMNS],
+        rows.append(f"| {f.stem} | {r.get('seed')} | {mix} | {_weights(r)} | " + " | ".join(cells) + f" | {' / '.join(base)} | {gain} |")
+    cols = [c[0] for c in COLUMNS]
+    cols.insert(6, "explanation ROUGE-L, hint templates " + ", ".join(HINT_TEMPLATES))
+    head = ["variant", "seed", "renders s/d/r/e/v", "template weights", *cols,
             "baselines: popularity (direct / seq) / global mean / nearest explanation", "prompt gain (seen)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]
     return "\n".join(lines) + "\n"

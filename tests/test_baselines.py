@@ -121,6 +121,40 @@ def test_nearest_review_baseline_picks_expected_texts():
                      "the colour is lovely"]
 
 
+def test_most_common_text_by_key_falls_back_to_the_overall_most_common():
+    keys = ["price", "sound", "price", "sound", "sound", "strap", "price"]
+    texts = ["great price", "sound is warm", "great price", "clear sound", "clear sound", "", "cheap for the price"]
+    preds = B.most_common_text_by(keys, texts, ["sound", "price", "strap", "tuner"])
+    # sound: "clear sound" twice; price: "great price" twice; strap has only an empty text and tuner no row ->
+    # the most common non-empty text overall ("great price" and "clear sound" tie at 2: first seen wins)
+    assert preds == ["clear sound", "great price", "great price", "great price"]
+    with pytest.raises(ValueError, match="3 keys for 2 texts"):
+        B.most_common_text_by(["a", "b", "c"], ["x", "y"], ["a"])
+
+
+def test_the_feature_baseline_scores_each_case_with_its_own_feature_sentence():
+    from p5rec.eval.evaluation import BASELINES, BaselineContext, EvalConfig
+    from p5rec.prompts import templates as T
+
+    class Prepared:
+        def family(self, name):
+            return {"train": Dataset.from_dict({"feature": ["price", "sound", "price"],
+                                                "explanation": ["great price", "warm sound", "great price"]}),
+                    "test": Dataset.from_dict({"feature": ["sound", "price"],
+                                               "explanation": ["warm sound", "bad price"]})}
+
+    spec = T.load_templates(families=["explanation"]).family_info("explanation")
+    name = "most common training explanation of the feature"
+    ctx = BaselineContext(Prepared(), EvalConfig(split="test", families=("explanation",)), spec, "text", name,
+                          dict(spec.baseline(name).args))
+    scores = BASELINES[spec.baseline(name).method](ctx)[name]
+    # "warm sound" is exact; "great price" against "bad price" shares one of two words (ROUGE-L F 50)
+    assert scores["ROUGE-L"] == pytest.approx(75.0)
+    ctx.args["key"] = "aspect"
+    with pytest.raises(ValueError, match="the training table has no column 'aspect'"):
+        BASELINES[spec.baseline(name).method](ctx)
+
+
 def test_nearest_text_by_input():
     train = Dataset.from_dict({
         "review": ["battery lasts forever and charges fast", "screen cracked after a week", "",

@@ -7,7 +7,8 @@ evaluation produces (ranked id lists, ratings, texts), so :mod:`p5rec.eval.metri
 * Ranking: :func:`popularity_ranking` (sequential, full ranking), :func:`popularity_direct` (100 candidates).
 * Rating: :func:`global_mean_rating`, :class:`BiasedMF` (mu + b_u + b_i [+ p_u.q_i], ALS in numpy).
 * Text: :func:`nearest_review_baseline` (explanations), :func:`nearest_text_by_input` (summaries), both
-  TF-IDF nearest neighbours built with scipy.sparse.
+  TF-IDF nearest neighbours built with scipy.sparse; :func:`most_common_text` (one sentence for every case) and
+  :func:`most_common_text_by` (one sentence per key, e.g. per feature word).
 
 Nothing here looks at test targets except the convenience ``*_eval`` functions, which only score.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "global_mean_rating",
     "item_popularity",
     "most_common_text",
+    "most_common_text_by",
     "nearest_review_baseline",
     "nearest_text_by_input",
     "popularity_direct",
@@ -323,6 +325,23 @@ def most_common_text(train_texts: Iterable[str], n: int) -> list[str]:
     if not texts:
         raise ValueError("most_common_text: no non-empty training texts")
     return [_most_common(texts)] * n
+
+
+def most_common_text_by(train_keys: Sequence[str], train_texts: Sequence[str], test_keys: Sequence[str]) -> list[str]:
+    """Per test row, the most frequent non-empty training text among the training rows with the same key (for
+    explanations, the feature word a hint template names): what copying the hint alone reaches. A key no
+    training row has falls back to the most frequent training text overall. Ties keep first-seen order."""
+    if len(train_keys) != len(train_texts):
+        raise ValueError(f"most_common_text_by: {len(train_keys)} keys for {len(train_texts)} texts")
+    by_key: dict[str, Counter] = defaultdict(Counter)
+    for key, text in zip(train_keys, train_texts):
+        if text and text.strip():
+            by_key[key][text] += 1
+    if not by_key:
+        raise ValueError("most_common_text_by: no non-empty training texts")
+    best = {key: counts.most_common(1)[0][0] for key, counts in by_key.items()}
+    overall = _most_common(t for t in train_texts if t and t.strip())
+    return [best.get(key, overall) for key in test_keys]
 
 
 def nearest_review_baseline(train_rows: Rows, test_rows: Rows, field: str = "explanation",

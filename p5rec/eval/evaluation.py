@@ -528,7 +528,7 @@ class BaselineContext:
     def arg(self, key: str) -> str:
         if key not in self.args:
             raise ValueError(f"{self.spec.file}: baselines.{self.name}: method {self.method!r} needs {key!r} "
-                             f"(the column it {'reads' if key == 'input' else 'predicts'})")
+                             f"(the column it {'reads' if key in ('input', 'key') else 'predicts'})")
         return self.args[key]
 
     @property
@@ -620,6 +620,20 @@ def _most_common(ctx: BaselineContext) -> dict:
     col = ctx.arg("field")
     golds = ctx.table[ctx.cfg.split][col]
     return {ctx.name: ctx.text_scores(baselines.most_common_text(ctx.table["train"][col], len(golds)), golds)}
+
+
+@baseline("most common training text by key")
+def _most_common_by(ctx: BaselineContext) -> dict:
+    """Per case, the most common training ``field`` text among the training rows with the case's ``key`` (the
+    feature word a hint template names): what writing the hint into a stock sentence reaches."""
+    col, key = ctx.arg("field"), ctx.arg("key")
+    tr, te = ctx.table["train"], ctx.table[ctx.cfg.split]
+    for name, table in (("training", tr), (ctx.cfg.split, te)):
+        if key not in table.column_names:
+            raise ValueError(f"{ctx.spec.file}: baselines.{ctx.name}: the {name} table has no column {key!r} "
+                             f"(columns: {', '.join(table.column_names)})")
+    preds = baselines.most_common_text_by(tr[key], tr[col], te[key])
+    return {ctx.name: ctx.text_scores(preds, te[col])}
 
 
 def run_baselines(prepared, cfg: EvalConfig, specs: dict[str, FamilySpec] | None = None) -> dict:

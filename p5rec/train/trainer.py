@@ -45,11 +45,12 @@ class P5Trainer(Seq2SeqTrainer):
     """
 
     def __init__(self, *args, embedding_lr_multiplier: float = 1.0, id_rows=None, id_lr_multiplier: float = 1.0,
-                 train_lengths=None, curve=None, **kwargs):
+                 train_lengths=None, train_mega_batches: int = MEGA_BATCHES, curve=None, **kwargs):
         self.embedding_lr_multiplier = float(embedding_lr_multiplier)
         self.id_rows = None if not id_rows else torch.as_tensor(sorted(id_rows), dtype=torch.long)
         self.id_lr_multiplier = float(id_lr_multiplier)
         self.train_lengths = None if train_lengths is None else list(train_lengths)
+        self.train_mega_batches = int(train_mega_batches)
         self.curve = curve  # a LearningCurveCallback whose per-family metrics join each evaluation's
         super().__init__(*args, **kwargs)
 
@@ -66,7 +67,8 @@ class P5Trainer(Seq2SeqTrainer):
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length" and self.train_lengths is not None:
             return GroupedByLength(self.train_lengths,
-                                   self.args.train_batch_size * self.args.gradient_accumulation_steps)
+                                   self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                   self.train_mega_batches)
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):

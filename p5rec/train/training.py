@@ -135,6 +135,12 @@ class DataArguments:
         metadata={"help": "sampling weight of templates within their family, id=weight comma-separated (default 1; "
                   "candidate-list templates take --candidate_template_weight), e.g. 3-9=3,3-10=3"},
     )
+    batch_grouping: str = field(
+        default="length",
+        metadata={"help": "length: each batch of rows of similar length, families mixed; family: each batch from one "
+                  "family (then by length), to measure whether families interfere within a batch",
+                  "choices": ["length", "family"]},
+    )
     max_review_words: int = field(default=32, metadata={"help": "review words shown in review prompts"})
     max_history: int = field(default=20, metadata={"help": "most recent items shown in a history"})
     sequence_renders: Optional[int] = field(
@@ -245,6 +251,12 @@ TRAINING_DEFAULTS = dict(
     train_sampling_strategy="group_by_length",
     disable_tqdm=False,
 )
+
+
+def _check_flags(dargs: DataArguments, targs) -> None:
+    if dargs.batch_grouping == "family" and str(targs.train_sampling_strategy) != "group_by_length":
+        raise ValueError("--batch_grouping family sorts the length-grouped sampler's mega-batches: it needs "
+                         f"--train_sampling_strategy group_by_length (got {targs.train_sampling_strategy})")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -417,9 +429,9 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     from p5rec.eval import modelcard, plots
     from p5rec.train.callbacks import LearningCurveCallback
     from p5rec.eval.evaluation import curve_metrics
-    from p5rec.prompts.mixture import MixtureSpec, build_mixture, id_tokens, row_lengths
+    from p5rec.prompts.mixture import MixtureSpec, build_mixture, id_tokens
     from p5rec.train.model import build_model, item_token_range, load_pretrained
-    from p5rec.train.trainer import P5Trainer
+    from p5rec.train.trainer import MEGA_BATCHES, P5Trainer
     from p5rec.prompts.templates import RenderConfig, load_templates
 
     started = time.time()
@@ -540,7 +552,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         embedding_lr_multiplier=margs.embedding_lr_multiplier,
         id_rows=id_rows if margs.id_embedding_lr_multiplier != 1.0 else None,
         id_lr_multiplier=margs.id_embedding_lr_multiplier,
-        train_lengths=row_lengths(train),
+        train_lengths=_grouping_keys(train, dargs.batch_grouping),
+        train_mega_batches=FAMILY_MEGA_BATCHES if dargs.batch_grouping == "family" else MEGA_BATCHES,
         model=model,
         args=targs,
         train_dataset=train.remove_columns(text_cols),
@@ -611,6 +624,24 @@ def _draw(run_dir: Path, what: str, draw) -> None:
 def _wait_for_everyone(targs) -> None:
     if targs.world_size > 1:
         targs.distributed_state.wait_for_everyone()
+
+
+# Family-grouped batches come from mega-batches this large, so that each family fills whole batches of one
+# (with MEGA_BATCHES, a family of 15 % of the rows would spill over into mixed batches in most mega-batches).
+FAMILY_MEGA_BATCHES = 50
+
+
+def _grouping_keys(train, grouping: str):
+    """What the batch sampler sorts each mega-batch by: the row's length, or its family and then its length."""
+    import numpy as np
+
+    from p5rec.prompts.mixture import row_lengths
+
+    lengths = row_lengths(train)
+    if grouping == "family":
+        family = np.unique(np.asarray(train["family"]), return_inverse=True)[1]
+        return family.astype(np.int64) * (int(lengths.max()) + 1) + lengths
+    return lengths
 
 
 def _template_weights(dargs: DataArguments, templates) -> dict[str, float]:
@@ -723,7 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     _cpu_processes()
-    margs, dargs, targs = parse_args(argv)
+    try:  # a flag that contradicts another: one line, not a traceback from the dataclasses' checks
+        margs, dargs, targs = parse_args(argv)
+        _check_flags(dargs, targs)
+    except ValueError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
     from p5rec.run import RunError
     from p5rec.prompts.templates import TemplateError
 
