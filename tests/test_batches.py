@@ -10,7 +10,7 @@ from p5rec.train.trainer import GroupedByLength
 from p5rec.train.training import FAMILY_MEGA_BATCHES, _grouping_keys
 
 
-def _mixture(n: int = 2000, seed: int = 0) -> Dataset:
+def _mixture(n: int = 6400, seed: int = 0) -> Dataset:
     rng = np.random.default_rng(seed)
     families = rng.choice(["direct", "explanation", "rating", "review", "sequential"], size=n,
                           p=[0.13, 0.18, 0.30, 0.22, 0.17])
@@ -22,7 +22,7 @@ def _mixture(n: int = 2000, seed: int = 0) -> Dataset:
 
 def _batches(ds: Dataset, grouping: str, mega: int, batch: int = 32) -> list[list[int]]:
     torch.manual_seed(0)
-    order = list(GroupedByLength(_grouping_keys(ds, grouping), batch, mega))
+    order = list(GroupedByLength(_grouping_keys(ds, grouping), batch, mega, shuffle_batches=grouping == "family"))
     assert sorted(order) == list(range(len(ds)))  # every row once
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
@@ -43,6 +43,9 @@ def test_family_grouping_fills_most_batches_from_one_family_and_length_grouping_
     fam = np.asarray(ds["family"])
     one = [b for b in by_family if len(set(fam[b])) == 1][1]
     assert list(lengths[one]) == sorted(lengths[one], reverse=True)
+    # the batches come in random order: a mega-batch does not always end with the same family
+    last = [fam[by_family[i][0]] for i in range(FAMILY_MEGA_BATCHES - 1, len(by_family), FAMILY_MEGA_BATCHES)]
+    assert len(set(last)) > 1
 
 
 def test_flags_that_contradict_each_other_stop_training_with_one_line(tmp_path, capsys):

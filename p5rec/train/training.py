@@ -138,7 +138,8 @@ class DataArguments:
     batch_grouping: str = field(
         default="length",
         metadata={"help": "length: each batch of rows of similar length, families mixed; family: each batch from one "
-                  "family (then by length), to measure whether families interfere within a batch",
+                  "family (then by length), batches in random order, to measure whether families interfere "
+                  "within a batch",
                   "choices": ["length", "family"]},
     )
     max_review_words: int = field(default=32, metadata={"help": "review words shown in review prompts"})
@@ -554,6 +555,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         id_lr_multiplier=margs.id_embedding_lr_multiplier,
         train_lengths=_grouping_keys(train, dargs.batch_grouping),
         train_mega_batches=FAMILY_MEGA_BATCHES if dargs.batch_grouping == "family" else MEGA_BATCHES,
+        shuffle_batches=dargs.batch_grouping == "family",
         model=model,
         args=targs,
         train_dataset=train.remove_columns(text_cols),
