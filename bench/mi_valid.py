@@ -32,7 +32,24 @@ def merge(files: list[Path]) -> dict:
         for fam, v in r.get("prompt_reliance", {}).get("families", {}).items():
             merged.setdefault("prompt_reliance", {}).setdefault("families", {})[fam] = v
         merged.setdefault("parts", []).append({"file": f.name, "eval_config": r.get("eval_config")})
+    _family_means(merged)
     return merged
+
+
+def _family_means(merged: dict) -> None:
+    """Each family's seen / unseen means again, over the merged templates: one family scored in two parts (5-1
+    and 5-3 in one, 5-2 and 5-4 in another) would otherwise keep the mean of its last part only."""
+    groups: dict = {}
+    for t in merged.get("templates", {}).values():
+        if t.get("protocol") is None:
+            continue
+        key = (t["family"], t["protocol"], "seen" if t["seen"] else "unseen")
+        groups.setdefault(key, []).append(t["metrics"])
+    for (fam, proto, part), rows in groups.items():
+        names = set.intersection(*(set(m) for m in rows))
+        means = {m: sum(float(r[m]) for r in rows) / len(rows) for m in sorted(names)
+                 if all(isinstance(r[m], (int, float)) for r in rows)}
+        merged.setdefault("families", {}).setdefault(fam, {}).setdefault(proto, {})[part] = means
 
 
 def collect(name: str, run_dir: Path, overwrite: bool = False) -> None:

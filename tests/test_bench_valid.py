@@ -63,3 +63,25 @@ def test_collect_never_replaces_a_kept_variant_unasked(mi_valid, tmp_path):
 def test_collect_without_validation_results_says_what_to_run(mi_valid, tmp_path):
     with pytest.raises(SystemExit, match="p5rec evaluate --run"):
         mi_valid.collect("none", tmp_path)
+
+
+def test_a_family_scored_in_two_parts_gets_the_mean_of_all_its_templates(mi_valid, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"seed": 1, "data": {"families": "direct"},
+                                                     "render": {"renders": {"direct": 2, "rating": 4}}}))
+    proto = "yes/no over candidates"
+    for name, scores, mtime in (("a", {"5-1": 0.20, "5-3": 0.10}, 1000), ("b", {"5-2": 0.05, "5-4": 0.05}, 2000)):
+        f = run / f"results-valid-{name}.json"
+        templates = {t: {"family": "direct", "protocol": proto, "seen": True, "metrics": {"NDCG@10": v}}
+                     for t, v in scores.items()}
+        part_mean = sum(scores.values()) / len(scores)
+        f.write_text(json.dumps({"templates": templates, "baselines": {},
+                                 "families": {"direct": {proto: {"seen": {"NDCG@10": part_mean}, "unseen": {}}}}}))
+        os.utime(f, (mtime, mtime))
+    mi_valid.collect("split", run)
+    kept = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert kept["families"]["direct"][proto]["seen"]["NDCG@10"] == pytest.approx(0.10)  # not part b's .05
+    assert kept["renders"] == {"direct": 2}  # only the families the run trained
+    row = next(line for line in mi_valid.table().splitlines() if line.startswith("| split "))
+    assert "| –/2/–/–/– |" in row and "| .1000 |" in row
