@@ -37,19 +37,21 @@ def merge(files: list[Path]) -> dict:
 
 
 def _family_means(merged: dict) -> None:
-    """Each family's seen / unseen means again, over the merged templates: one family scored in two parts (5-1
-    and 5-3 in one, 5-2 and 5-4 in another) would otherwise keep the mean of its last part only."""
-    groups: dict = {}
-    for t in merged.get("templates", {}).values():
-        if t.get("protocol") is None:
-            continue
-        key = (t["family"], t["protocol"], "seen" if t["seen"] else "unseen")
-        groups.setdefault(key, []).append(t["metrics"])
-    for (fam, proto, part), rows in groups.items():
-        names = set.intersection(*(set(m) for m in rows))
-        means = {m: sum(float(r[m]) for r in rows) / len(rows) for m in sorted(names)
-                 if all(isinstance(r[m], (int, float)) for r in rows)}
-        merged.setdefault("families", {}).setdefault(fam, {}).setdefault(proto, {})[part] = means
+    """Each family's seen / unseen means again, over the merged templates (the evaluation's own ``aggregate``):
+    one family scored in two parts (5-1 and 5-3 in one, 5-2 and 5-4 in another) would otherwise keep the mean of
+    its last part only."""
+    from dataclasses import fields
+
+    from p5rec.eval.evaluation import TemplateResult, aggregate
+
+    names = {f.name for f in fields(TemplateResult)}
+    results = [TemplateResult(**{"template": tid, "scoring": "", "kind": "", "n": 0,
+                                 **{k: v for k, v in t.items() if k in names}})
+               for tid, t in merged.get("templates", {}).items() if t.get("protocol")]
+    for fam, protos in aggregate(results).items():
+        for proto, parts in protos.items():
+            merged.setdefault("families", {}).setdefault(fam, {}).setdefault(proto, {}).update(
+                {part: means for part, means in parts.items() if means})
 
 
 def collect(name: str, run_dir: Path, overwrite: bool = False) -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from p5rec.train.trainer import GroupedByLength
-from p5rec.train.training import FAMILY_MEGA_BATCHES, _grouping_keys
+from p5rec.train.trainer import FAMILY_MEGA_BATCHES, GroupedByLength
+from p5rec.train.training import _grouping_keys
 
 
 def _mixture(n: int = 6400, seed: int = 0) -> Dataset:

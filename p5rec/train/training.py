@@ -432,7 +432,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     from p5rec.eval.evaluation import curve_metrics
     from p5rec.prompts.mixture import MixtureSpec, build_mixture, id_tokens
     from p5rec.train.model import build_model, item_token_range, load_pretrained
-    from p5rec.train.trainer import MEGA_BATCHES, P5Trainer
+    from p5rec.train.trainer import FAMILY_MEGA_BATCHES, MEGA_BATCHES, P5Trainer
     from p5rec.prompts.templates import RenderConfig, load_templates
 
     started = time.time()
@@ -549,13 +549,14 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         max_source_length=dargs.max_source_length,
         trained=set(trained),
     )
+    by_family = dargs.batch_grouping == "family"
     trainer = P5Trainer(
         embedding_lr_multiplier=margs.embedding_lr_multiplier,
         id_rows=id_rows if margs.id_embedding_lr_multiplier != 1.0 else None,
         id_lr_multiplier=margs.id_embedding_lr_multiplier,
         train_lengths=_grouping_keys(train, dargs.batch_grouping),
-        train_mega_batches=FAMILY_MEGA_BATCHES if dargs.batch_grouping == "family" else MEGA_BATCHES,
-        shuffle_batches=dargs.batch_grouping == "family",
+        train_mega_batches=FAMILY_MEGA_BATCHES if by_family else MEGA_BATCHES,
+        shuffle_batches=by_family,
         model=model,
         args=targs,
         train_dataset=train.remove_columns(text_cols),
@@ -626,11 +627,6 @@ def _draw(run_dir: Path, what: str, draw) -> None:
 def _wait_for_everyone(targs) -> None:
     if targs.world_size > 1:
         targs.distributed_state.wait_for_everyone()
-
-
-# Family-grouped batches come from mega-batches this large, so that each family fills whole batches of one
-# (with MEGA_BATCHES, a family of 15 % of the rows would spill over into mixed batches in most mega-batches).
-FAMILY_MEGA_BATCHES = 50
 
 
 def _grouping_keys(train, grouping: str):
