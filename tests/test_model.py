@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -49,3 +51,28 @@ def test_load_pretrained_checkpoint_extends_vocabulary(tmp_path):
 def test_load_pretrained_missing_path_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_pretrained(tmp_path / "nope")
+
+
+def test_load_pretrained_without_a_tokenizer_is_clear(tmp_path):
+    build_model("tiny", _tok()).save_pretrained(tmp_path)  # weights only, no tokenizer beside them
+    with pytest.raises(FileNotFoundError, match="no tokenizer saved beside the checkpoint"):
+        load_pretrained(tmp_path)
+
+
+def test_training_from_a_checkpoint_keeps_its_tokenizer(quick_run, tmp_path):
+    """A second stage on other families (and another --vocab_size) tokenizes with the checkpoint's own pieces:
+    a freshly trained SentencePiece model would give the checkpoint's embedding rows other meanings."""
+    from transformers import AutoTokenizer
+
+    from conftest import TINY
+    from p5rec.train.training import main as train_main
+
+    out = tmp_path / "stage2"
+    args = TINY + ["--output_dir", str(out), "--model_name_or_path", str(quick_run), "--families",
+                   "explanation,review", "--vocab_size", "300", "--max_steps", "2", "--save_steps", "2",
+                   "--eval_strategy", "no", "--skip_test", "true", "--eval_users", "0"]
+    assert train_main(args) == 0
+    before, after = (AutoTokenizer.from_pretrained(str(d)).get_vocab() for d in (quick_run, out))
+    assert after == before
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model"]["model_name_or_path"] == str(quick_run)

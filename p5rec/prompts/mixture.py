@@ -7,6 +7,7 @@ tokenizer training and tokenization; a miss does all three once and saves them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import datasets
 from datasets import Dataset, concatenate_datasets
 
 from p5rec.prompts.families import main_families
-from p5rec.prompts.tokenizer import build_tokenizer, load_tokenizer, train_sentencepiece
+from p5rec.prompts.tokenizer import add_id_tokens, build_tokenizer, load_tokenizer, train_sentencepiece
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +128,16 @@ def _cut(ids: list[int], limit: int) -> list[int]:
     return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
 
 
-def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_dir: Path | None = None):
+def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_dir: Path | None = None,
+                  tokenizer=None):
     """Return ``(tokenizer, train, valid, info)``; ``train``/``valid`` hold text and token columns.
 
     ``valid`` is a small per-family sample of the validation split (``spec.valid_rows_per_family`` rows each),
     for the loss curve during training; metrics on the full splits are the evaluation's job.
+
+    ``tokenizer`` is a checkpoint's own (``--model_name_or_path``): the mixture is tokenized with it, id tokens
+    added, instead of with a SentencePiece model trained on this mixture, whose ids would not be the ones the
+    checkpoint's embedding rows were trained for.
     """
     import p5rec.prompts.templates as tmod
 
@@ -145,6 +151,7 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
             "templates_module": _file_hash(tmod.__file__),
             "mixture_module": _file_hash(__file__),
             "tokenizer_module": _file_hash(Path(__file__).with_name("tokenizer.py")),
+            "given_tokenizer": None if tokenizer is None else _tokenizer_hash(tokenizer),
         }
     )
     cache = (cache_dir or default_cache_dir()) / "mixtures" / key
@@ -162,10 +169,16 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
     few = replace(render_config, max_records=spec.valid_rows_per_family)
     valid = render_family_splits(prepared, templates, few, spec.families, "valid")
     valid = _per_family_sample(valid, spec.valid_rows_per_family, render_config.seed)
-    logger.info("training a %d-piece SentencePiece model on %d rendered rows", spec.vocab_size, len(train))
-    corpus = _corpus(prepared, train)
-    vocab = train_sentencepiece(corpus, vocab_size=spec.vocab_size, seed=render_config.seed)
-    tokenizer = build_tokenizer(vocab, id_tokens(prepared.index, render_config.id_form, users=not render_config.anonymous_users))
+    ids = id_tokens(prepared.index, render_config.id_form, users=not render_config.anonymous_users)
+    if tokenizer is None:
+        logger.info("training a %d-piece SentencePiece model on %d rendered rows", spec.vocab_size, len(train))
+        corpus = _corpus(prepared, train)
+        vocab = train_sentencepiece(corpus, vocab_size=spec.vocab_size, seed=render_config.seed)
+        tokenizer = build_tokenizer(vocab, ids)
+    else:
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's object stays as it was
+        added = add_id_tokens(tokenizer, ids)
+        logger.info("tokenizing with the checkpoint's tokenizer (%d pieces, %d id tokens added)", len(tokenizer), added)
     seq_ids = frozenset(t.id for t in templates if t.scoring == "sequence")
     train = tokenize(train, tokenizer, spec, "tokenizing train", seq_ids)
     valid = tokenize(valid, tokenizer, spec, "tokenizing valid", seq_ids)
@@ -195,6 +208,12 @@ def build_mixture(prepared, templates, render_config, spec: MixtureSpec, cache_d
         datasets.load_from_disk(str(cache / "valid")),
         info,
     )
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    """What a tokenizer maps text to: its vocabulary, pieces and ids, and its class."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return _hash({"class": type(tokenizer).__name__, "vocab": vocab})
 
 
 def _corpus(prepared, train: Dataset) -> list[str]:

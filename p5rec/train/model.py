@@ -154,21 +154,40 @@ def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, dropout_rate: f
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path}: no config.json; --model_name_or_path must be a local directory written by save_pretrained"
+        )
+    return path
+
+
+def load_checkpoint_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a local checkpoint: the one its embedding rows were trained for."""
+    from transformers import AutoTokenizer
+
+    path = _checkpoint_dir(path)
+    # transformers 5 builds an empty default tokenizer for a directory without one, silently: look first
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer saved beside the checkpoint (expected one of {', '.join(TOKENIZER_FILES)})"
+        )
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_pretrained(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, id_tokens=()):
     """Load a local T5 checkpoint (and its tokenizer), extending the vocabulary with p5rec's id tokens.
 
     ``path`` is a directory written by ``save_pretrained`` (a p5rec run, or a pretrained t5 the user has on disk).
     Nothing is fetched from a hub: a path that does not exist is an error here, not a download.
     """
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path}: no config.json; --model_name_or_path must be a local directory written by save_pretrained"
-        )
+    path = _checkpoint_dir(path)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_checkpoint_tokenizer(path)
     added = add_id_tokens(tokenizer, id_tokens)
     model = P5T5ForConditionalGeneration.from_pretrained(str(path))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -104,6 +104,15 @@ class ModelArguments:
             raise ValueError(f"--id_embedding_init {self.id_embedding_init} needs id tokens (--id_form token)")
         if self.id_embedding_lr_multiplier <= 0 or self.embedding_lr_multiplier <= 0:
             raise ValueError("--embedding_lr_multiplier and --id_embedding_lr_multiplier must be positive")
+        if self.model_name_or_path and not (Path(self.model_name_or_path) / "config.json").exists():
+            raise ValueError(f"--model_name_or_path {self.model_name_or_path}: no config.json there; give a local "
+                             "directory written by save_pretrained (a p5rec run, or a T5 checkpoint on disk)")
+        if self.model_name_or_path:
+            from p5rec.train.model import TOKENIZER_FILES
+
+            if not any((Path(self.model_name_or_path) / f).exists() for f in TOKENIZER_FILES):
+                raise ValueError(f"--model_name_or_path {self.model_name_or_path}: no tokenizer saved beside the "
+                                 f"checkpoint (expected one of {', '.join(TOKENIZER_FILES)})")
 
 
 @dataclass
@@ -431,7 +440,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     from p5rec.train.callbacks import LearningCurveCallback
     from p5rec.eval.evaluation import curve_metrics
     from p5rec.prompts.mixture import MixtureSpec, build_mixture, id_tokens
-    from p5rec.train.model import build_model, item_token_range, load_pretrained
+    from p5rec.train.model import build_model, item_token_range, load_checkpoint_tokenizer, load_pretrained
     from p5rec.train.trainer import FAMILY_MEGA_BATCHES, MEGA_BATCHES, P5Trainer
     from p5rec.prompts.templates import RenderConfig, load_templates
 
@@ -497,8 +506,18 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     )
     cache_dir = Path(dargs.cache_dir) if dargs.cache_dir else None
     t0 = time.time()
+    # A checkpoint passed by path brings its own tokenizer: its embedding rows belong to that tokenizer's ids.
+    given = None
+    if margs.model_name_or_path:
+        from p5rec.run import RunError
+
+        try:
+            given = load_checkpoint_tokenizer(margs.model_name_or_path)
+        except FileNotFoundError as exc:
+            raise RunError(str(exc)) from None
     with targs.main_process_first(local=True, desc="data preparation and tokenized mixture"):
-        tokenizer, train, valid, mix_info = build_mixture(prepared, templates, render_config, spec, cache_dir)
+        tokenizer, train, valid, mix_info = build_mixture(prepared, templates, render_config, spec, cache_dir,
+                                                          tokenizer=given)
     mix_info["seconds"] = round(time.time() - t0, 2)
     logger.info("mixture: %d train rows, %d valid rows (%.1fs)", len(train), len(valid), mix_info["seconds"])
 
@@ -763,7 +782,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(margs, dargs, targs)
-    except RunError as exc:  # a damaged checkpoint or run file: one line naming it, not a traceback
+    except (RunError, OutputDirError, FileNotFoundError) as exc:
+        # a damaged checkpoint or run file, an --output_dir that must not be written, a path that is not there:
+        # one line naming it, not a traceback
         print(f"train: {exc}", file=sys.stderr)
         return 2
     except TemplateError as exc:  # a --template_files file (or its family header) that does not load
