@@ -76,3 +76,8 @@ def test_training_from_a_checkpoint_keeps_its_tokenizer(quick_run, tmp_path):
     assert after == before
     config = json.loads((out / "run_config.json").read_text())
     assert config["model"]["model_name_or_path"] == str(quick_run)
+    # the first stage's templates stay seen: the evaluation scores sequential 2-x as trained, not zero-shot
+    parent = json.loads((quick_run / "run_config.json").read_text())["mixture"]["trained_templates"]
+    assert any(t.startswith("2-") for t in parent)
+    assert config["mixture"]["trained_templates"] == sorted(parent)
+    assert config["mixture"]["parent_run"]["same_index"] is True

@@ -263,6 +263,29 @@ TRAINING_DEFAULTS = dict(
 )
 
 
+def _after_parent_run(parent: Path, prepared, trained: list[str], mix_info: dict) -> list[str]:
+    """A run that starts from another p5rec run (a second stage) on the same data has trained the parent's
+    templates too: they stay "seen" for the evaluation. A parent with another id index (another dataset, --index
+    or --seed) gave its id tokens to other users and items: said once in the log and in the run config."""
+    cfg_path, index_path = parent / "run_config.json", parent / "index.json"
+    if not (cfg_path.exists() and index_path.exists()):
+        return trained  # a plain T5 checkpoint, not a p5rec run
+    same = index_path.read_bytes() == (Path(prepared.path) / "index.json").read_bytes()
+    mix_info["parent_run"] = {"path": str(parent), "same_index": same}
+    if not same:
+        logger.warning("%s was trained with another id index (another dataset, --index or --seed): its id tokens "
+                       "now name other users and items, and its templates do not count as trained here", parent)
+        return trained
+    from p5rec.run import RunError
+
+    try:
+        parent_trained = json.loads(cfg_path.read_text()).get("mixture", {}).get("trained_templates") or []
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise RunError(f"{cfg_path}: not a run config written by train.py ({exc})") from None
+    mix_info["parent_run"]["trained_templates"] = parent_trained
+    return sorted(set(trained) | set(parent_trained))
+
+
 def _check_flags(dargs: DataArguments, targs) -> None:
     if dargs.batch_grouping == "family" and str(targs.train_sampling_strategy) != "group_by_length":
         raise ValueError("--batch_grouping family sorts the length-grouped sampler's mega-batches: it needs "
@@ -550,6 +573,8 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
             raise ValueError("--item_softmax needs one added token per item or id level (--id_form token)")
         model.config.item_token_range = span
     trained = sorted(set(train["template"]))
+    if margs.model_name_or_path:
+        trained = _after_parent_run(Path(margs.model_name_or_path), prepared, trained, mix_info)
     mix_info["trained_templates"] = trained
 
     if is_main:
