@@ -9,6 +9,7 @@ kill lands there on every run, however loaded the machine is.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from p5rec.data.prepare import load_prepared, prepare
-from p5rec.train.training import OutputDirError, last_checkpoint
+from p5rec.train.training import last_checkpoint
 from p5rec.train.training import main as train_main
 from test_prepare import write_amazon
 
@@ -149,30 +150,36 @@ def is_complete_checkpoint(path: Path) -> bool:
     return is_checkpoint(path) and (path / "optimizer.pt").exists()
 
 
-def test_training_refuses_to_mix_with_an_existing_run(killed_run, tmp_path):
+def _refused(args, capsys, pattern: str) -> None:
+    """train.py stops with exit 2 and one line on stderr (no traceback) matching ``pattern``."""
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train: ")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_training_refuses_to_mix_with_an_existing_run(killed_run, tmp_path, capsys):
     killed, cache = killed_run
     run_dir = tmp_path / "run"
     shutil.copytree(killed, run_dir)
     before = tree(run_dir)
     args = TRAIN + ["--cache_dir", str(cache), "--output_dir", str(run_dir)]
-    with pytest.raises(OutputDirError, match="already holds a run .*--overwrite_output_dir true"):
-        train_main(args)
+    _refused(args, capsys, "already holds a run .*--overwrite_output_dir true")
     # a resume that cannot start fails before anything in the run directory is written
     for checkpoint, why in ((run_dir / "checkpoint-99", "no such directory"), (run_dir / KILL_AT, "incomplete")):
-        with pytest.raises(FileNotFoundError, match=f"not a checkpoint \\({why}.*checkpoint-12") as info:
-            train_main(args + ["--resume_from_checkpoint", str(checkpoint)])
-        assert "\n" not in str(info.value)
-    with pytest.raises(OutputDirError, match="would delete"):
-        train_main(args + ["--resume_from_checkpoint", str(run_dir / "checkpoint-12"),
-                           "--overwrite_output_dir", "true"])
+        _refused(args + ["--resume_from_checkpoint", str(checkpoint)], capsys,
+                 f"not a checkpoint \\({why}.*checkpoint-12")
+    _refused(args + ["--resume_from_checkpoint", str(run_dir / "checkpoint-12"), "--overwrite_output_dir", "true"],
+             capsys, "would delete")
     assert tree(run_dir) == before
 
     # a directory that is not a run is never written into, not even with --overwrite_output_dir
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("\\documentclass{article}")
-    with pytest.raises(OutputDirError, match="is not a p5rec run .*thesis.tex"):
-        train_main(TRAIN + ["--cache_dir", str(cache), "--output_dir", str(mine), "--overwrite_output_dir", "true"])
+    _refused(TRAIN + ["--cache_dir", str(cache), "--output_dir", str(mine), "--overwrite_output_dir", "true"], capsys,
+             "is not a p5rec run .*thesis.tex")
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
 
     # --overwrite_output_dir clears the earlier run's files first (a user's own file stays): nothing old remains
