@@ -157,26 +157,29 @@ def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, dropout_rate: f
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
 
 
-def _checkpoint_dir(path: str | Path) -> Path:
+def checkpoint_problem(path: str | Path, need_tokenizer: bool = True) -> str | None:
+    """Why ``path`` cannot be loaded as a local checkpoint (one line), or None. transformers 5 builds an empty
+    default tokenizer for a directory without one, silently, so the files are looked for first."""
     path = Path(path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path}: no config.json; --model_name_or_path must be a local directory written by save_pretrained"
-        )
-    return path
+        return f"{path}: no config.json; --model_name_or_path must be a local directory written by save_pretrained"
+    if need_tokenizer and not any((path / f).exists() for f in TOKENIZER_FILES):
+        return f"{path}: no tokenizer saved beside the checkpoint (expected one of {', '.join(TOKENIZER_FILES)})"
+    return None
+
+
+def _checkpoint_dir(path: str | Path, need_tokenizer: bool) -> Path:
+    problem = checkpoint_problem(path, need_tokenizer)
+    if problem:
+        raise FileNotFoundError(problem)
+    return Path(path)
 
 
 def load_checkpoint_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a local checkpoint: the one its embedding rows were trained for."""
     from transformers import AutoTokenizer
 
-    path = _checkpoint_dir(path)
-    # transformers 5 builds an empty default tokenizer for a directory without one, silently: look first
-    if not any((path / f).exists() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"{path}: no tokenizer saved beside the checkpoint (expected one of {', '.join(TOKENIZER_FILES)})"
-        )
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(_checkpoint_dir(path, need_tokenizer=True)))
 
 
 def load_pretrained(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, id_tokens=()):
@@ -185,7 +188,7 @@ def load_pretrained(path: str | Path, tokenizer: PreTrainedTokenizerBase | None 
     ``path`` is a directory written by ``save_pretrained`` (a p5rec run, or a pretrained t5 the user has on disk).
     Nothing is fetched from a hub: a path that does not exist is an error here, not a download.
     """
-    path = _checkpoint_dir(path)
+    path = _checkpoint_dir(path, need_tokenizer=tokenizer is None)
     if tokenizer is None:
         tokenizer = load_checkpoint_tokenizer(path)
     added = add_id_tokens(tokenizer, id_tokens)

@@ -104,15 +104,12 @@ class ModelArguments:
             raise ValueError(f"--id_embedding_init {self.id_embedding_init} needs id tokens (--id_form token)")
         if self.id_embedding_lr_multiplier <= 0 or self.embedding_lr_multiplier <= 0:
             raise ValueError("--embedding_lr_multiplier and --id_embedding_lr_multiplier must be positive")
-        if self.model_name_or_path and not (Path(self.model_name_or_path) / "config.json").exists():
-            raise ValueError(f"--model_name_or_path {self.model_name_or_path}: no config.json there; give a local "
-                             "directory written by save_pretrained (a p5rec run, or a T5 checkpoint on disk)")
         if self.model_name_or_path:
-            from p5rec.train.model import TOKENIZER_FILES
+            from p5rec.train.model import checkpoint_problem
 
-            if not any((Path(self.model_name_or_path) / f).exists() for f in TOKENIZER_FILES):
-                raise ValueError(f"--model_name_or_path {self.model_name_or_path}: no tokenizer saved beside the "
-                                 f"checkpoint (expected one of {', '.join(TOKENIZER_FILES)})")
+            problem = checkpoint_problem(self.model_name_or_path)
+            if problem:
+                raise ValueError(f"--model_name_or_path: {problem}")
 
 
 @dataclass
@@ -530,14 +527,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     cache_dir = Path(dargs.cache_dir) if dargs.cache_dir else None
     t0 = time.time()
     # A checkpoint passed by path brings its own tokenizer: its embedding rows belong to that tokenizer's ids.
-    given = None
-    if margs.model_name_or_path:
-        from p5rec.run import RunError
-
-        try:
-            given = load_checkpoint_tokenizer(margs.model_name_or_path)
-        except FileNotFoundError as exc:
-            raise RunError(str(exc)) from None
+    given = load_checkpoint_tokenizer(margs.model_name_or_path) if margs.model_name_or_path else None
     with targs.main_process_first(local=True, desc="data preparation and tokenized mixture"):
         tokenizer, train, valid, mix_info = build_mixture(prepared, templates, render_config, spec, cache_dir,
                                                           tokenizer=given)
