@@ -603,6 +603,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     train_result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model(str(run_dir))  # the Trainer saves from the main process only
     trainer.save_state()
+    _leave_process_group(targs)
     if not is_main:
         logger.info("process %d done; the main process evaluates and writes the run directory", targs.process_index)
         return run_dir
@@ -661,6 +662,21 @@ def _draw(run_dir: Path, what: str, draw) -> None:
 def _wait_for_everyone(targs) -> None:
     if targs.world_size > 1:
         targs.distributed_state.wait_for_everyone()
+
+
+def _leave_process_group(targs) -> None:
+    """After training's last collective: wait for every process, then take the process group down on each.
+
+    Without this the other processes exit while the main one evaluates, and the gloo group's threads are torn
+    down at interpreter exit; now and then that aborts a process ("terminate called without an active
+    exception"), and the launcher then kills the main process mid-evaluation."""
+    if targs.world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    targs.distributed_state.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _grouping_keys(train, grouping: str):
