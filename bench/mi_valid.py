@@ -6,6 +6,9 @@ Each variant is trained with ``python train.py --skip_test true …`` and scored
     python bench/mi_valid.py collect text-x2 runs/mi-text-x2   # every results-valid-*.json of the run, merged
                                                                # (--overwrite replaces a variant kept before)
     python bench/mi_valid.py table                             # bench/results/mi-valid/table.md
+    python bench/mi_valid.py seeds main=main,main-seed1,main-seed2 seq1=seq1,seq1-seed1,seq1-seed2
+                                                               # bench/results/mi-valid/seeds.md: each variant
+                                                               # over its seeds, against its own split's baselines
 
 A run evaluated in parts (say ranking families, then text) has one ``results-valid-*.json`` per part; ``collect``
 merges them, the later file winning where both scored a template. A variant trained with another ``--seed`` has
@@ -138,6 +141,58 @@ def table() -> str:
     return "\n".join(lines) + "\n"
 
 
+# what a seed comparison scores: (header, family, protocol, metric, the baseline of that family, 1 if higher is
+# better else -1); each seed's value is set against its own split's baseline, as the seed re-draws the split
+SEED_COLUMNS = [
+    ("yes/no NDCG@10", "direct", "yes/no over candidates", "NDCG@10", "popularity", 1),
+    ("candidates NDCG@10", "direct", "candidates", "NDCG@10", "popularity", 1),
+    ("sequential NDCG@10", "sequential", "full ranking", "NDCG@10", "popularity", 1),
+    ("rating RMSE_expected", "rating", "rating", "RMSE_expected", "global mean", -1),
+    ("explanation ROUGE-L", "explanation", "text", "ROUGE-L", "nearest training explanation", 1),
+    ("review ROUGE-L", "review", "text", "ROUGE-L", "summary of nearest training review", 1),
+]
+_BASELINE_METRIC = {"RMSE_expected": "RMSE"}
+
+
+def seed_table(groups: dict[str, list[str]]) -> str:
+    """Each variant's seeds side by side: per column the value minus its split's baseline (the sign set so that
+    positive is better), each seed's margin, and their mean. A missing score is a dash and stays out of the mean."""
+    head = ["variant", "seeds", *[f"{h} (vs {b})" for h, _, _, _, b, _ in SEED_COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, names in groups.items():
+        runs = []
+        for n in names:
+            f = OUT / f"{n}.json"
+            if not f.exists():
+                sys.exit(f"{f}: no such variant (`python bench/mi_valid.py collect {n} runs/<run>` first)")
+            runs.append(json.loads(f.read_text()))
+        cells = []
+        for _, fam, proto, metric, base, sign in SEED_COLUMNS:
+            margins = []
+            for r in runs:
+                v = _get(r, "families", fam, proto, "seen", metric)
+                b = _get(r, "baselines", fam, base, _BASELINE_METRIC.get(metric, metric))
+                margins.append(None if v is None or b is None else sign * (v - b))
+            got = [m for m in margins if m is not None]
+            digits = 2 if proto == "text" else 4
+            each = " / ".join("–" if m is None else f"{m:+.{digits}f}" for m in margins)
+            mean = f"**{sum(got) / len(got):+.{digits}f}**" if got else "–"
+            cells.append(f"{mean} ({each})")
+        seeds = ", ".join(str(r.get("seed")) for r in runs)
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _groups(specs: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for spec in specs:
+        label, sep, names = spec.partition("=")
+        if not sep or not names:
+            sys.exit(f"seeds: {spec!r} is not LABEL=variant,variant,...")
+        out[label] = names.split(",")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -146,9 +201,16 @@ def main(argv=None) -> None:
     c.add_argument("run", type=Path)
     c.add_argument("--overwrite", action="store_true", help="replace a variant already kept under this name")
     sub.add_parser("table", help="write bench/results/mi-valid/table.md from the collected variants")
+    s = sub.add_parser("seeds", help="write bench/results/mi-valid/seeds.md: variants over their seeds, each seed "
+                                     "against its own split's baselines")
+    s.add_argument("groups", nargs="+", metavar="LABEL=variant,variant,...")
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         collect(args.name, args.run, args.overwrite)
+    elif args.cmd == "seeds":
+        text = seed_table(_groups(args.groups))
+        (OUT / "seeds.md").write_text(text)
+        print(text)
     else:
         text = table()
         (OUT / "table.md").write_text(text)

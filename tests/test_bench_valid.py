@@ -85,3 +85,21 @@ def test_a_family_scored_in_two_parts_gets_the_mean_of_all_its_templates(mi_vali
     assert kept["renders"] == {"direct": 2}  # only the families the run trained
     row = next(line for line in mi_valid.table().splitlines() if line.startswith("| split "))
     assert "| –/2/–/–/– |" in row and "| .1000 |" in row
+
+
+def test_seed_table_sets_each_seed_against_its_own_splits_baseline(mi_valid, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, seed, rmse, mean_rmse, ndcg in (("a", 42, 0.94, 0.95, 0.10), ("a-s1", 1, 0.86, 0.85, None)):
+        families = {"rating": {"rating": {"seen": {"RMSE_expected": rmse}}}}
+        if ndcg is not None:
+            families["direct"] = {"yes/no over candidates": {"seen": {"NDCG@10": ndcg}}}
+        (out / f"{name}.json").write_text(json.dumps({"seed": seed, "families": families, "baselines": {
+            "rating": {"global mean": {"RMSE": mean_rmse}}, "direct": {"popularity": {"NDCG@10": 0.17}}}}))
+    row = mi_valid.seed_table({"A": ["a", "a-s1"]}).splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["A", "42, 1"]
+    assert cells[2] == "**-0.0700** (-0.0700 / –)"  # yes/no: scored at one seed only, the mean of that one
+    assert cells[5] == "**+0.0000** (+0.0100 / -0.0100)"  # rating: lower is better, each against its own mean
+    with pytest.raises(SystemExit, match="no such variant"):
+        mi_valid.seed_table({"B": ["missing"]})
