@@ -132,6 +132,38 @@ def test_most_common_text_by_key_falls_back_to_the_overall_most_common():
         B.most_common_text_by(["a", "b", "c"], ["x", "y"], ["a"])
 
 
+def test_lcs_f1_is_rouge_score_rouge_l():
+    from p5rec.eval.metrics import _rouge_scorer, rouge_tokenize
+
+    texts = ["This is a great price.", "Great for the price", "I love it", "the strings sound great for the price",
+             "ok", "great great price", "price great"]
+    vocab: dict[str, int] = {}
+    ids = [[vocab.setdefault(w, len(vocab)) for w in rouge_tokenize(t)] for t in texts]
+    refs = np.full((len(ids), max(map(len, ids))), -1)
+    for k, r in enumerate(ids):
+        refs[k, : len(r)] = r
+    lens = np.array([len(r) for r in ids])
+    for cand, toks in zip(texts, ids):
+        expected = [_rouge_scorer().score(ref, cand)["rougeL"].fmeasure for ref in texts]
+        np.testing.assert_allclose(B.lcs_f1(toks, refs, lens), expected)
+
+
+def test_best_constant_text_beats_the_most_common_when_it_is_closer_to_all():
+    # "ok" is the most common text but shares no word with the rest; "great for the price" shares most of
+    # several references, so written for every case it scores higher: the best constant is not the mode
+    train = ["ok", "ok", "ok", "great price", "great for the price", "great for the price", "good for the price",
+             "for the price it is great", "", "the price is great"]
+    sentence, score = B.best_constant_text(train, n_candidates=10, n_references=100)
+    assert sentence == "great for the price"
+    assert B.most_common_text(train, 1) == ["ok"]
+    from p5rec.eval.metrics import rouge
+
+    assert score == pytest.approx(rouge([sentence] * 9, [t for t in train if t])["ROUGE-L"])
+    assert score > rouge(["ok"] * 9, [t for t in train if t])["ROUGE-L"]
+    with pytest.raises(ValueError, match="no non-empty training texts"):
+        B.best_constant_text(["", "  "])
+
+
 def test_the_feature_baseline_scores_each_case_with_its_own_feature_sentence():
     from p5rec.eval.evaluation import BASELINES, BaselineContext, EvalConfig
     from p5rec.prompts import templates as T

@@ -327,6 +327,63 @@ def most_common_text(train_texts: Iterable[str], n: int) -> list[str]:
     return [_most_common(texts)] * n
 
 
+def lcs_f1(candidate: Sequence[int], refs: np.ndarray, ref_lens: np.ndarray) -> np.ndarray:
+    """ROUGE-L F-measure (sentence-level LCS, x1) of one tokenised candidate against every row of ``refs``.
+
+    ``refs`` is [n, L] token ids padded with -1, ``ref_lens`` their lengths. The LCS table is filled one candidate
+    token at a time over all references at once (L vector steps per candidate token), which is what lets
+    :func:`best_constant_text` try hundreds of sentences against a thousand references in about a second.
+    """
+    n, width = refs.shape
+    m = len(candidate)
+    if m == 0 or width == 0:
+        return np.zeros(n)
+    prev = np.zeros((n, width + 1), dtype=np.int32)
+    for tok in candidate:
+        cur = np.zeros_like(prev)
+        hit = refs == tok
+        for j in range(1, width + 1):
+            cur[:, j] = np.where(hit[:, j - 1], prev[:, j - 1] + 1, np.maximum(prev[:, j], cur[:, j - 1]))
+        prev = cur
+    lcs = prev[:, width].astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision, recall = lcs / m, np.where(ref_lens > 0, lcs / np.maximum(ref_lens, 1), 0.0)
+        f = np.where(lcs > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return f
+
+
+def best_constant_text(train_texts: Iterable[str], n_candidates: int = 200, n_references: int = 1000,
+                       seed: int = 42) -> tuple[str, float]:
+    """The training text that, written for every case, scores the highest mean ROUGE-L against the training texts.
+
+    The ``n_candidates`` most frequent non-empty training texts are tried against a seeded sample of
+    ``n_references`` training texts (references longer than 64 ROUGE tokens are cut there). Chosen on the training
+    split only, it is the best a model that ignores its input can do by picking its one sentence well; the most
+    common text is a weaker constant (measured on MI: ROUGE-L 5.25 against 12.89 on validation explanations).
+    Returns the sentence and its mean ROUGE-L (x100) on the training sample.
+    """
+    texts = [t for t in train_texts if t and t.strip()]
+    if not texts:
+        raise ValueError("best_constant_text: no non-empty training texts")
+    candidates = [t for t, _ in Counter(texts).most_common(n_candidates)]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(texts), size=min(n_references, len(texts)), replace=False)
+    vocab: dict[str, int] = {}
+    ids = [[vocab.setdefault(w, len(vocab)) for w in rouge_tokenize(texts[i])[:64]] for i in picked]
+    width = max((len(r) for r in ids), default=0)
+    refs = np.full((len(ids), width), -1, dtype=np.int64)
+    for k, r in enumerate(ids):
+        refs[k, : len(r)] = r
+    ref_lens = np.array([len(r) for r in ids])
+    best, best_score = candidates[0], -1.0
+    for cand in candidates:
+        toks = [vocab.get(w, -2) for w in rouge_tokenize(cand)]  # a word no reference has matches nothing
+        score = float(lcs_f1(toks, refs, ref_lens).mean()) if toks else 0.0
+        if score > best_score:
+            best, best_score = cand, score
+    return best, 100.0 * best_score
+
+
 def most_common_text_by(train_keys: Sequence[str], train_texts: Sequence[str], test_keys: Sequence[str]) -> list[str]:
     """Per test row, the most frequent non-empty training text among the training rows with the same key (for
     explanations, the feature word a hint template names): what copying the hint alone reaches. A key no
