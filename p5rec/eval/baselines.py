@@ -347,7 +347,7 @@ def lcs_f1(candidate: Sequence[int], refs: np.ndarray, ref_lens: np.ndarray) -> 
         prev = cur
     lcs = prev[:, width].astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        precision, recall = lcs / m, np.where(ref_lens > 0, lcs / np.maximum(ref_lens, 1), 0.0)
+        precision, recall = lcs / m, lcs / np.maximum(ref_lens, 1)  # lcs > 0 only where the reference has tokens
         f = np.where(lcs > 0, 2 * precision * recall / (precision + recall), 0.0)
     return f
 

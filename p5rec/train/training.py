@@ -674,7 +674,7 @@ def _leave_process_group(targs) -> None:
         return
     import torch.distributed as dist
 
-    targs.distributed_state.wait_for_everyone()
+    _wait_for_everyone(targs)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
