@@ -27,6 +27,19 @@ TINY = [
 HAS_TENSORBOARD = any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that changes torch's thread count (test_families, test_faults) gives it back: results compared to
+    the tiny run's must be computed with the thread count it was scored with (sums differ in the 7th digit)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    yield
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The tiny run, trained once per session (test_pipeline, test_reports, test_distributed read it; none may

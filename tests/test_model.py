@@ -81,3 +81,35 @@ def test_training_from_a_checkpoint_keeps_its_tokenizer(quick_run, tmp_path):
     assert any(t.startswith("2-") for t in parent)
     assert config["mixture"]["trained_templates"] == sorted(parent)
     assert config["mixture"]["parent_run"]["same_index"] is True
+
+
+def test_separate_item_output_rows_start_tied_and_then_answer_for_the_items(tmp_path):
+    """--item_output_rows separate: the item tokens' logits come from rows of their own, copied from the shared
+    ones (so nothing changes at the start); the encoder's embedding no longer gets the items' softmax gradient."""
+    from p5rec.train.model import P5T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 64)).eval()
+    x = torch.randint(2, 40, (3, 7))  # prompts without item tokens, one-item answers (never fed back in)
+    y = torch.randint(40, 60, (3, 1))
+    before = model(input_ids=x, labels=y).logits
+    model.set_item_output_rows([40, 60])
+    assert torch.allclose(model(input_ids=x, labels=y).logits, before)
+    model.train()
+    model(input_ids=x, labels=y).loss.backward()
+    assert model.item_head.grad.abs().sum() > 0
+    assert model.shared.weight.grad[40:60].abs().sum() == 0  # items only answered, never read: no pull on them
+    model.zero_grad()
+    model.config.item_token_range = [40, 60]  # the item-softmax loss scores items against the separate rows too
+    model(input_ids=x, labels=y).loss.backward()
+    assert model.item_head.grad.abs().sum() > 0 and model.shared.weight.grad[40:60].abs().sum() == 0
+    del model.config.item_token_range
+    with torch.no_grad():
+        model.item_head.add_(torch.randn_like(model.item_head))
+    model.eval()
+    after = model(input_ids=x, labels=y).logits
+    assert torch.allclose(after[..., :40], before[..., :40]) and not torch.allclose(after[..., 40:60], before[..., 40:60])
+    model.save_pretrained(tmp_path)
+    loaded = P5T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert torch.allclose(loaded(input_ids=x, labels=y).logits, after)
+    assert loaded.generate(input_ids=x, max_new_tokens=3, num_beams=2).shape[0] == 3

@@ -37,6 +37,7 @@ from p5rec import atomic
 
 from p5rec.eval import baselines, decoding, metrics
 from p5rec.prompts.families import FamilySpec, shipped_specs
+from p5rec.train.routing import family_route
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render
     name = protocol_of(template)
     ctx = Context(model, tokenizer, prepared, cfg, render_config, tries, data_family or template.family,
                   templates, desc=template.id if cfg.progress else None)
-    out = PROTOCOLS[name].score(ctx, template)
+    with family_route(model, template.family):
+        out = PROTOCOLS[name].score(ctx, template)
     return TemplateResult(
         template=template.id, family=template.family, seen=template.seen, scoring=template.scoring,
         kind=target_kind(template), metrics={k: float(v) for k, v in out.metrics.items()}, n=out.n,
@@ -419,8 +421,9 @@ def prompt_reliance(model, tokenizer, prepared, chosen, cfg: EvalConfig, render_
             other = np.empty_like(order)
             other[order] = np.roll(order, -1)  # case order[j] gets the prompt of case order[j + 1]
             kw = dict(batch_size=cfg.batch_size, max_source_length=cfg.max_source_length or 256)
-            own, count = decoding.target_logprobs(model, tokenizer, src, tgt, **kw)
-            moved, _ = decoding.target_logprobs(model, tokenizer, [src[i] for i in other], tgt, **kw)
+            with family_route(model, fam):
+                own, count = decoding.target_logprobs(model, tokenizer, src, tgt, **kw)
+                moved, _ = decoding.target_logprobs(model, tokenizer, [src[i] for i in other], tgt, **kw)
             tokens = max(int(count.sum()), 1)
             nll, nll_other = -own.sum() / tokens, -moved.sum() / tokens
             per[tid] = {"family": fam, "seen": seen_of[tid], "n": len(idx), "nll": float(nll),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from p5rec import atomic
+from p5rec.train.routing import family_route
 
 logger = logging.getLogger(__name__)
 
@@ -274,14 +275,15 @@ class P5Rec:
                 raise UnknownIdError(f"template {tid} needs a known user id; use a user_name template for new users",
                                      "user")
             exclude = [r["history"] for r in recs] if exclude_history else None
-            if t.scoring == "sequence":
-                ranked = continue_items(self.model, self.tokenizer, self._sources(t, recs),
-                                        [r["history"] for r in recs], self.trie, k=k, exclude=exclude,
-                                        max_items=max(self.render_config.max_sequence - 1, 0),
-                                        max_source_length=self.max_source_length)
-            else:
-                ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), self.trie, k=k,
-                                    exclude=exclude, max_source_length=self.max_source_length)
+            with family_route(self.model, t.family):
+                if t.scoring == "sequence":
+                    ranked = continue_items(self.model, self.tokenizer, self._sources(t, recs),
+                                            [r["history"] for r in recs], self.trie, k=k, exclude=exclude,
+                                            max_items=max(self.render_config.max_sequence - 1, 0),
+                                            max_source_length=self.max_source_length)
+                else:
+                    ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), self.trie, k=k,
+                                        exclude=exclude, max_source_length=self.max_source_length)
             for i, r in zip(idx, ranked):
                 out[i] = [Prediction(item, score) for item, score in r]
         return out
@@ -310,8 +312,10 @@ class P5Rec:
                          history=list(requests[i].get("history") or []), candidates=list(requests[i]["candidates"]))
                     for i in idx]
             tries = [self.trie.subset(r["candidates"]) for r in recs]
-            ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), tries,
-                                k=max(len(r["candidates"]) for r in recs), max_source_length=self.max_source_length)
+            with family_route(self.model, t.family):
+                ranked = rank_items(self.model, self.tokenizer, self._sources(t, recs), tries,
+                                    k=max(len(r["candidates"]) for r in recs),
+                                    max_source_length=self.max_source_length)
             for i, r in zip(idx, ranked):
                 out[i] = [Prediction(item, score) for item, score in r]
         return out
@@ -336,8 +340,9 @@ class P5Rec:
             t = self._template(tid, role)
             if "rating" in t.variables - t.target_variables and any(records[i].get("rating") is None for i in idx):
                 raise RequestError(f"template {tid} shows the star rating: pass rating", "rating")
-            texts = generate_text(self.model, self.tokenizer, self._sources(t, [records[i] for i in idx]),
-                                  max_source_length=self.max_source_length, **decoding)
+            with family_route(self.model, t.family):
+                texts = generate_text(self.model, self.tokenizer, self._sources(t, [records[i] for i in idx]),
+                                      max_source_length=self.max_source_length, **decoding)
             for i, text in zip(idx, texts):
                 out[i] = text
         return out

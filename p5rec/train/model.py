@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGene
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from p5rec.prompts.tokenizer import add_id_tokens
+from p5rec.train.routing import family_route  # noqa: F401  (re-exported beside the model it routes)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,42 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+class FamilyAdapters(torch.nn.Module):
+    """One residual bottleneck adapter per task family after every block of a T5 stack, routed per row.
+
+    ``h + up_f(relu(down_f(norm_f(h))))`` where ``f`` is the row's family (Houlsby et al. 2019, with T5's RMS
+    norm in front). ``up`` starts at zero, so a model with adapters starts as the model without them. Rows whose
+    family is -1 (a family the model was not trained with) pass through unchanged. All families of a batch are
+    applied at once: each row's weights are gathered and multiplied in one batched matmul.
+    """
+
+    def __init__(self, n_blocks: int, n_families: int, d_model: int, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.norm = torch.nn.Parameter(torch.ones(n_blocks, n_families, d_model))
+        self.down = torch.nn.Parameter(torch.randn(n_blocks, n_families, d_model, dim) * d_model**-0.5)
+        self.up = torch.nn.Parameter(torch.zeros(n_blocks, n_families, dim, d_model))
+
+    def forward(self, block: int, hidden: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
+        known = family >= 0
+        f = family.clamp(min=0)
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = (x * self.norm[block, f][:, None, :]).to(hidden.dtype)
+        x = torch.relu(torch.bmm(x, self.down[block, f].to(hidden.dtype)))
+        x = torch.bmm(x, self.up[block, f].to(hidden.dtype))
+        return hidden + x * known[:, None, None].to(hidden.dtype)
+
+
 class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
-    """``T5ForConditionalGeneration`` with one change, to the training loss.
+    """``T5ForConditionalGeneration`` with two changes: the training loss, and capacity per task family.
+
+    **Family adapters.** With ``config.family_adapters = {"families": [...], "dim": r, "stacks": [...]}`` every
+    block of the named stacks ("encoder", "decoder") is followed by a :class:`FamilyAdapters` adapter of the
+    row's family, so each family keeps ``r``-wide capacity of its own beside the shared model. The family comes
+    from ``family_ids`` ([B], indices into ``families``; training batches carry it) or, for code that calls the
+    model without it (generation, scoring), from :func:`family_route`. A model with adapters called with neither
+    raises: an unrouted call would silently score the shared model alone.
 
     With ``config.item_token_range = [lo, hi)`` (the added item tokens), a position whose label is an item token
     is scored by a softmax over the item tokens only, and every other labelled position (EOS, words) by the full
@@ -60,9 +95,89 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
 
     accepts_loss_kwargs = False
 
+    def __init__(self, config):
+        super().__init__(config)
+        spec = getattr(config, "family_adapters", None)
+        self._route: torch.Tensor | None = None
+        if spec:
+            stacks = {"encoder": self.encoder, "decoder": self.decoder}
+            unknown = set(spec["stacks"]) - set(stacks)
+            if unknown:
+                raise ValueError(f"family_adapters: unknown stacks {sorted(unknown)}; choose encoder, decoder")
+            with torch.random.fork_rng(devices=[]):  # the global generator (the data order) as without adapters
+                self.family_adapters = torch.nn.ModuleDict({
+                    name: FamilyAdapters(len(stacks[name].block), len(spec["families"]), config.d_model,
+                                         int(spec["dim"]))
+                    for name in spec["stacks"]})
+            for name, adapters in self.family_adapters.items():
+                for i, block in enumerate(stacks[name].block):
+                    block.register_forward_hook(self._adapter_hook(adapters, i))
+        rows = getattr(config, "item_output_rows", None)
+        if rows:
+            # zeros until set_item_output_rows copies the shared rows in (training) or a checkpoint loads them
+            self.item_head = torch.nn.Parameter(torch.zeros(int(rows[1]) - int(rows[0]), config.d_model))
+            self._item_hook = self.lm_head.register_forward_hook(self._item_head_hook)
+
+    def _item_head_hook(self, module, args, logits):
+        """The item tokens' logits from ``item_head`` instead of the shared (tied) rows."""
+        lo, hi = (int(v) for v in self.config.item_output_rows)
+        items = args[0] @ self.item_head.to(args[0].dtype).T
+        return torch.cat([logits[..., :lo], items.to(logits.dtype), logits[..., hi:]], dim=-1)
+
+    def output_weight(self) -> torch.Tensor:
+        """The [V, d] matrix the logits are computed with: the shared embedding, with ``item_head`` in the item
+        rows when the model has one."""
+        weight = self.lm_head.weight
+        rows = getattr(self.config, "item_output_rows", None)
+        if not rows:
+            return weight
+        lo, hi = int(rows[0]), int(rows[1])
+        return torch.cat([weight[:lo], self.item_head.to(weight.dtype), weight[hi:]])
+
+    def set_item_output_rows(self, rows) -> None:
+        """Give the item tokens [lo, hi) output rows of their own, started as a copy of their shared rows: the
+        encoder then reads item embeddings that the item-answering families' softmax does not pull on."""
+        lo, hi = int(rows[0]), int(rows[1])
+        self.config.item_output_rows = [lo, hi]
+        self.item_head = torch.nn.Parameter(self.lm_head.weight.detach()[lo:hi].clone())
+        if getattr(self, "_item_hook", None) is None:
+            self._item_hook = self.lm_head.register_forward_hook(self._item_head_hook)
+
+    @property
+    def family_names(self) -> list[str]:
+        spec = getattr(self.config, "family_adapters", None)
+        return list(spec["families"]) if spec else []
+
+    def _adapter_hook(self, adapters: FamilyAdapters, i: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if self._route is None:
+                raise RuntimeError("this model has family adapters: call it with family_ids, or inside "
+                                   "p5rec.train.model.family_route(model, family)")
+            family = self._route.to(hidden.device)
+            if family.numel() != hidden.shape[0]:  # one family for the call, or rows expanded for beams
+                family = family.repeat_interleave(hidden.shape[0] // family.numel())
+            hidden = adapters(i, hidden, family)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
-                labels=None, use_cache=None, **kwargs):
+                labels=None, use_cache=None, family_ids=None, **kwargs):
+        if family_ids is None:
+            return self._forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                 encoder_outputs, past_key_values, inputs_embeds, decoder_inputs_embeds, labels,
+                                 use_cache, **kwargs)
+        before, self._route = self._route, family_ids
+        try:
+            return self._forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                 encoder_outputs, past_key_values, inputs_embeds, decoder_inputs_embeds, labels,
+                                 use_cache, **kwargs)
+        finally:
+            self._route = before
+
+    def _forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+                 past_key_values, inputs_embeds, decoder_inputs_embeds, labels, use_cache, **kwargs):
         span = getattr(self.config, "item_token_range", None)
         if labels is None or not span:
             return super().forward(
@@ -81,7 +196,7 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
                               encoder_attention_mask=attention_mask, use_cache=False)[0]
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.model_dim**-0.5)
-        loss = item_softmax_loss(hidden, labels.to(hidden.device), self.lm_head.weight, span)
+        loss = item_softmax_loss(hidden, labels.to(hidden.device), self.output_weight(), span)
         return Seq2SeqLMOutput(loss=loss, encoder_last_hidden_state=encoder_outputs[0])
 
 
@@ -137,14 +252,19 @@ def t5_config(preset: str, vocab_size: int, dropout_rate: float | None = None, *
 
 
 def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, dropout_rate: float | None = None,
-                embedding_init_std: float | None = None, **shape_overrides):
+                embedding_init_std: float | None = None, family_adapters: dict | None = None, **shape_overrides):
     """A freshly initialised T5 whose vocabulary covers ``tokenizer`` (rounded up to a multiple of 8).
 
     ``embedding_init_std`` re-initialises the shared (tied) embedding with that standard deviation; HF's T5
     default is 1.0, and with T5's output scaling by d_model^-0.5 that makes every logit start large.
+    ``family_adapters`` ({"families", "dim", "stacks"}) adds capacity per family
+    (:class:`P5T5ForConditionalGeneration`); the shared weights are the same as without it, for the same seed.
     """
     vocab_size = -(-len(tokenizer) // 8) * 8
-    model = P5T5ForConditionalGeneration(t5_config(preset, vocab_size, dropout_rate, **shape_overrides))
+    config = t5_config(preset, vocab_size, dropout_rate, **shape_overrides)
+    if family_adapters:
+        config.family_adapters = dict(family_adapters)
+    model = P5T5ForConditionalGeneration(config)
     if embedding_init_std is not None:
         with torch.no_grad():
             model.shared.weight.normal_(0.0, embedding_init_std)

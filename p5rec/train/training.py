@@ -85,6 +85,26 @@ class ModelArguments:
         metadata={"help": "where the label is an item token, softmax over item tokens only (token id form)"},
     )
 
+    item_output_rows: str = field(
+        default="tied",
+        metadata={"help": "tied (T5's): an item token's output row is its input embedding; separate: item tokens "
+                  "get output rows of their own (started as copies), so that the families answering with items "
+                  "do not pull on the embeddings the encoder reads (token id form)",
+                  "choices": ["tied", "separate"]},
+    )
+    family_adapter_dim: int = field(
+        default=0,
+        metadata={"help": "capacity per task family: a residual adapter this wide for each trained family after "
+                  "every block of --family_adapter_stacks, each row routed through its own family's (0: none; "
+                  "p5rec.train.model.FamilyAdapters)"},
+    )
+    family_adapter_stacks: str = field(
+        default="decoder", metadata={"help": "where the family adapters go: encoder, decoder or encoder,decoder"}
+    )
+
+    def adapter_stacks(self) -> list[str]:
+        return [s.strip() for s in self.family_adapter_stacks.split(",") if s.strip()]
+
     def shape_overrides(self) -> dict:
         names = ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
@@ -104,12 +124,32 @@ class ModelArguments:
             raise ValueError(f"--id_embedding_init {self.id_embedding_init} needs id tokens (--id_form token)")
         if self.id_embedding_lr_multiplier <= 0 or self.embedding_lr_multiplier <= 0:
             raise ValueError("--embedding_lr_multiplier and --id_embedding_lr_multiplier must be positive")
+        if self.item_output_rows == "separate" and self.id_form != "token":
+            raise ValueError("--item_output_rows separate needs one token per item (--id_form token)")
+        if self.family_adapter_dim < 0:
+            raise ValueError(f"--family_adapter_dim {self.family_adapter_dim}: expected 0 (none) or a positive width")
+        bad = [s for s in self.adapter_stacks() if s not in ("encoder", "decoder")] or (
+            [] if self.adapter_stacks() else [self.family_adapter_stacks])
+        if bad:
+            raise ValueError(f"--family_adapter_stacks: unknown {bad}; expected encoder, decoder or encoder,decoder")
         if self.model_name_or_path:
             from p5rec.train.model import checkpoint_problem
 
             problem = checkpoint_problem(self.model_name_or_path)
             if problem:
                 raise ValueError(f"--model_name_or_path: {problem}")
+            if self.family_adapter_dim and not _config_of(self.model_name_or_path).get("family_adapters"):
+                raise ValueError(f"--family_adapter_dim: {self.model_name_or_path} has no family adapters; they are "
+                                 "built with a model trained from scratch (a run with adapters keeps them when "
+                                 "continued)")
+
+
+def _config_of(checkpoint: str) -> dict:
+    """The checkpoint's config.json (checked to exist by ``checkpoint_problem``); {} when it does not parse."""
+    try:
+        return json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 @dataclass
@@ -539,8 +579,10 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     if margs.model_name_or_path:
         model, tokenizer = load_pretrained(margs.model_name_or_path, tokenizer, ids)
     else:
+        adapters = ({"families": list(spec.families), "dim": margs.family_adapter_dim,
+                     "stacks": margs.adapter_stacks()} if margs.family_adapter_dim else None)
         model = build_model(margs.preset, tokenizer, margs.dropout_rate, margs.embedding_init_std,
-                            **margs.shape_overrides())
+                            family_adapters=adapters, **margs.shape_overrides())
     id_rows = sorted(set(tokenizer.convert_tokens_to_ids(ids))) if ids else []
     if margs.id_embedding_init_std is not None and id_rows and not targs.resume_from_checkpoint:
         with torch.no_grad():
@@ -557,6 +599,11 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
             prepared_vectors(prepared, margs.id_embedding_init_dims, targs.seed) if collab else None,
             users=not dargs.anonymous_users, typed=margs.id_type_noise if "typed" in id_init else 0.0,
             seed=targs.seed)
+    if margs.item_output_rows == "separate" and not getattr(model.config, "item_output_rows", None):
+        span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
+        if span is None:
+            raise ValueError("--item_output_rows separate needs one added token per item (--id_form token)")
+        model.set_item_output_rows(span)  # after the id rows are written: the output rows start from them
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
         if span is None:
@@ -571,7 +618,9 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         _write_run_files(run_dir, margs, dargs, targs, prepared, render_config, spec, mix_info, model)
         tokenizer.save_pretrained(str(run_dir))
 
-    text_cols = [c for c in train.column_names if c not in ("input_ids", "attention_mask", "labels")]
+    if getattr(model, "family_names", None):  # each row routed through its family's adapters
+        train, valid = _with_family_ids(train, model.family_names), _with_family_ids(valid, model.family_names)
+    text_cols = [c for c in train.column_names if c not in ("input_ids", "attention_mask", "labels", "family_ids")]
     curve = LearningCurveCallback(
         run_dir=run_dir,
         prepared=prepared,
@@ -677,6 +726,17 @@ def _leave_process_group(targs) -> None:
     _wait_for_everyone(targs)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _with_family_ids(ds, names: list[str]):
+    """``ds`` with a ``family_ids`` column: each row's family as an index into ``names`` (-1: none of them)."""
+    import numpy as np
+
+    family = np.asarray(ds["family"])
+    ids = np.full(len(family), -1, dtype=np.int64)
+    for i, name in enumerate(names):
+        ids[family == name] = i
+    return ds.add_column("family_ids", ids.tolist())
 
 
 def _grouping_keys(train, grouping: str):
