@@ -254,3 +254,54 @@ def test_sequence_rows_default_on_only_when_a_sequence_template_is_named():
     assert DataArguments(templates="2-1,2-S2").sequence_render_count(shipped) == 1
     assert DataArguments(templates="2-1").sequence_render_count(shipped) == 0
     assert DataArguments(templates="2-1", sequence_renders=4).sequence_render_count(shipped) == 4
+
+
+# ------------------------------------------------------------------ the loss's reduction: per token or per example
+def test_example_reduction_weighs_every_row_once():
+    """Hand-computed: row 0 has three labelled tokens, row 1 one; "token" averages the four terms, "example" the
+    two row means (P5's), with and without the item-restricted softmax."""
+    from p5rec.train.model import item_softmax_loss
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(30, 8)
+    labels = torch.tensor([[12, 3, 1], [20, -100, -100]])
+    for span in (None, [10, 25]):
+        terms = {}
+        for b, t in ((0, 0), (0, 1), (0, 2), (1, 0)):
+            y, logits = int(labels[b, t]), hidden[b, t] @ weight.T
+            if span and 10 <= y < 25:
+                terms[b, t] = -F.log_softmax(logits[10:25], -1)[y - 10]
+            else:
+                terms[b, t] = -F.log_softmax(logits, -1)[y]
+        row0 = (terms[0, 0] + terms[0, 1] + terms[0, 2]) / 3
+        assert torch.allclose(item_softmax_loss(hidden, labels, weight, span, "token"),
+                              sum(terms.values()) / 4)
+        assert torch.allclose(item_softmax_loss(hidden, labels, weight, span, "example"), (row0 + terms[1, 0]) / 2)
+    # a row without labels does not count
+    padded = torch.cat([labels, torch.full((1, 3), -100)])
+    assert torch.allclose(item_softmax_loss(torch.cat([hidden, hidden[:1]]), padded, weight, None, "example"),
+                          item_softmax_loss(hidden, labels, weight, None, "example"))
+    with pytest.raises(ValueError, match="loss reduction"):
+        item_softmax_loss(hidden, labels, weight, None, "sum")
+
+
+def test_model_example_reduction_differs_from_stock_t5_only_in_the_weights():
+    """The model with ``loss_reduction = "example"`` gives the per-example loss of stock T5's own logits, and the
+    stock loss when every row has as many labels."""
+    from p5rec.train.model import P5T5ForConditionalGeneration, t5_config
+
+    torch.manual_seed(0)
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
+    enc = torch.tensor([[5, 6, 1], [7, 1, 0]])
+    labels = torch.tensor([[20, 21, 22], [25, 1, -100]])
+    stock = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels)
+    nll = F.cross_entropy(stock.logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    model.config.loss_reduction = "example"
+    got = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels).loss
+    assert torch.allclose(got, (nll[0].sum() / 3 + nll[1].sum() / 2) / 2, atol=1e-6)
+    assert not torch.allclose(got, stock.loss)
+    even = torch.tensor([[20, 21, 1], [25, 26, 1]])
+    model.config.loss_reduction = "token"
+    token = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=even).loss
+    model.config.loss_reduction = "example"
+    assert torch.allclose(model(input_ids=enc, attention_mask=(enc > 0).long(), labels=even).loss, token, atol=1e-6)

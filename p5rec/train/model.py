@@ -89,8 +89,12 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
     returned with such a loss. Without labels or without the range this is ``T5ForConditionalGeneration``, and
     a saved run loads in either class.
 
-    The loss is the mean over the batch's labelled tokens, so the Trainer divides it for gradient
-    accumulation (``accepts_loss_kwargs = False``; stock T5 ignores ``num_items_in_batch`` while claiming it).
+    **The loss's reduction.** With ``config.loss_reduction = "token"`` (stock T5's, the default) the loss is the
+    mean over the batch's labelled tokens, so a family's share of the gradient is its share of the label tokens:
+    a 20-token explanation outweighs ten one-item answers. ``"example"`` (P5's own, ``pretrain_model.py``) takes
+    each row's mean over its labelled tokens, then the mean over the rows that have labels: every example counts
+    once, whatever its target's length. Either way the Trainer divides the loss for gradient accumulation
+    (``accepts_loss_kwargs = False``; stock T5 ignores ``num_items_in_batch`` while claiming it).
     """
 
     accepts_loss_kwargs = False
@@ -179,7 +183,8 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
     def _forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                  past_key_values, inputs_embeds, decoder_inputs_embeds, labels, use_cache, **kwargs):
         span = getattr(self.config, "item_token_range", None)
-        if labels is None or not span:
+        reduction = getattr(self.config, "loss_reduction", "token")
+        if labels is None or (not span and reduction == "token"):
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
@@ -196,26 +201,44 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
                               encoder_attention_mask=attention_mask, use_cache=False)[0]
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.model_dim**-0.5)
-        loss = item_softmax_loss(hidden, labels.to(hidden.device), self.output_weight(), span)
+        loss = item_softmax_loss(hidden, labels.to(hidden.device), self.output_weight(), span, reduction)
         return Seq2SeqLMOutput(loss=loss, encoder_last_hidden_state=encoder_outputs[0])
 
 
-def item_softmax_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, span) -> torch.Tensor:
-    """Mean cross-entropy over labelled positions: item labels against item tokens only, others against all.
+LOSS_REDUCTIONS = ("token", "example")
+
+
+def item_softmax_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, span,
+                      reduction: str = "token") -> torch.Tensor:
+    """Cross-entropy over labelled positions: item labels against item tokens only (when ``span`` is given),
+    others against the whole vocabulary.
 
     ``hidden`` [B, T, d] (already scaled as the lm head expects), ``labels`` [B, T] with -100 for no label,
-    ``weight`` the [V, d] output embedding, ``span`` the item tokens' [lo, hi).
+    ``weight`` the [V, d] output embedding, ``span`` the item tokens' [lo, hi) or None (every label against the
+    whole vocabulary). ``reduction``: "token", the mean over labelled positions; "example", each row's mean over
+    its labelled positions, then the mean over the rows with any (P5's).
     """
-    lo, hi = int(span[0]), int(span[1])
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss reduction {reduction!r}: choose one of {', '.join(LOSS_REDUCTIONS)}")
     mask = labels != -100
     h, y = hidden[mask], labels[mask]
-    is_item = (y >= lo) & (y < hi)
-    total = hidden.new_zeros(())
-    if is_item.any():
-        total = total + F.cross_entropy(h[is_item] @ weight[lo:hi].T, y[is_item] - lo, reduction="sum")
+    nll = h.new_zeros(y.shape, dtype=torch.float32)
+    is_item = torch.zeros_like(y, dtype=torch.bool)
+    if span:
+        lo, hi = int(span[0]), int(span[1])
+        is_item = (y >= lo) & (y < hi)
+        if is_item.any():
+            nll = nll.index_put((is_item.nonzero()[:, 0],), F.cross_entropy(
+                (h[is_item] @ weight[lo:hi].T).float(), y[is_item] - lo, reduction="none"))
     if (~is_item).any():
-        total = total + F.cross_entropy(h[~is_item] @ weight.T, y[~is_item], reduction="sum")
-    return total / mask.sum().clamp(min=1)
+        nll = nll.index_put(((~is_item).nonzero()[:, 0],), F.cross_entropy(
+            (h[~is_item] @ weight.T).float(), y[~is_item], reduction="none"))
+    if reduction == "token":
+        return nll.sum() / mask.sum().clamp(min=1)
+    per_row = nll.new_zeros(labels.shape[0]).index_add(0, mask.nonzero()[:, 0], nll)
+    counts = mask.sum(1)
+    labelled = counts > 0
+    return (per_row[labelled] / counts[labelled]).mean() if labelled.any() else nll.sum()
 
 
 def item_token_range(tokenizer: PreTrainedTokenizerBase, item_tokens) -> list[int] | None:

@@ -92,6 +92,14 @@ class ModelArguments:
                   "do not pull on the embeddings the encoder reads (token id form)",
                   "choices": ["tied", "separate"]},
     )
+    loss_reduction: str = field(
+        default="token",
+        metadata={"help": "token (stock T5's): the loss is the mean over the batch's label tokens, so a family weighs "
+                  "in by its label tokens (in the main job explanation holds 57 % of them, direct 4 %); example "
+                  "(P5's): each row's mean over its label tokens, then the mean over rows, so every example "
+                  "counts once",
+                  "choices": ["token", "example"]},
+    )
     family_adapter_dim: int = field(
         default=0,
         metadata={"help": "capacity per task family: a residual adapter this wide for each trained family after "
@@ -604,6 +612,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         if span is None:
             raise ValueError("--item_output_rows separate needs one added token per item (--id_form token)")
         model.set_item_output_rows(span)  # after the id rows are written: the output rows start from them
+    model.config.loss_reduction = margs.loss_reduction
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
         if span is None:
