@@ -54,9 +54,13 @@ def test_flags_that_contradict_each_other_stop_training_with_one_line(tmp_path, 
     out = tmp_path / "run"
     assert main(["--output_dir", str(out), "--batch_grouping", "family", "--train_sampling_strategy", "random"]) == 2
     assert main(["--output_dir", str(out), "--id_form", "text", "--id_embedding_init", "collaborative"]) == 2
+    assert main(["--output_dir", str(out), "--family_loss_weights", "rating=two"]) == 2
+    assert main(["--output_dir", str(out), "--families", "rating,review", "--family_loss_weights", "sequential=0.1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "train: --batch_grouping family sorts the length-grouped sampler's mega-batches: it needs "
         "--train_sampling_strategy group_by_length (got random)",
         "train: --id_embedding_init collaborative needs id tokens (--id_form token)",
+        "train: --family_loss_weights: expected family=weight (a number >= 0), got 'rating=two'",
+        "train: --family_loss_weights: ['sequential'] not among the trained families (--families rating,review)",
     ]
     assert not out.exists()  # refused before anything was written

@@ -305,3 +305,39 @@ def test_model_example_reduction_differs_from_stock_t5_only_in_the_weights():
     token = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=even).loss
     model.config.loss_reduction = "example"
     assert torch.allclose(model(input_ids=enc, attention_mask=(enc > 0).long(), labels=even).loss, token, atol=1e-6)
+
+
+def test_family_loss_weights_scale_each_rows_terms():
+    """Row weights multiply a row's terms and leave the denominators alone: weight 1 is the unweighted loss, and a
+    weight of 0 removes the row's terms from the numerator only."""
+    from p5rec.train.model import item_softmax_loss
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(30, 8)
+    labels = torch.tensor([[12, 3, 1], [20, 1, -100]])
+    nll = F.cross_entropy((hidden @ weight.T).transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    for reduction in ("token", "example"):
+        plain = item_softmax_loss(hidden, labels, weight, None, reduction)
+        assert torch.allclose(item_softmax_loss(hidden, labels, weight, None, reduction, torch.ones(2)), plain)
+    got = item_softmax_loss(hidden, labels, weight, None, "token", torch.tensor([0.5, 2.0]))
+    assert torch.allclose(got, (0.5 * nll[0].sum() + 2.0 * nll[1].sum()) / 5)
+    got = item_softmax_loss(hidden, labels, weight, None, "example", torch.tensor([0.0, 2.0]))
+    assert torch.allclose(got, (0.0 + 2.0 * nll[1].sum() / 2) / 2)
+
+
+def test_model_weights_rows_by_their_family_ids_and_only_in_training_batches():
+    from p5rec.train.model import P5T5ForConditionalGeneration, t5_config
+
+    torch.manual_seed(0)
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
+    enc = torch.tensor([[5, 6, 1], [7, 1, 0]])
+    labels = torch.tensor([[20, 21, 1], [25, 1, -100]])
+    stock = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels)
+    nll = F.cross_entropy(stock.logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    model.config.family_loss_weights = {"rating": 3.0, "sequential": 0.5}
+    assert model.family_names == ["rating", "sequential"]
+    # a call without family_ids (generation, scoring) is the unweighted model
+    assert torch.allclose(model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels).loss, stock.loss)
+    got = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels,
+                family_ids=torch.tensor([1, -1])).loss  # sequential, then a family without a weight (1)
+    assert torch.allclose(got, (0.5 * nll[0].sum() + nll[1].sum()) / 5, atol=1e-6)

@@ -103,6 +103,7 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
         super().__init__(config)
         spec = getattr(config, "family_adapters", None)
         self._route: torch.Tensor | None = None
+        self._row_families: torch.Tensor | None = None
         if spec:
             stacks = {"encoder": self.encoder, "decoder": self.decoder}
             unknown = set(spec["stacks"]) - set(stacks)
@@ -149,18 +150,37 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
 
     @property
     def family_names(self) -> list[str]:
+        """The families this model tells apart (adapters, loss weights); [] for a model that tells none apart."""
         spec = getattr(self.config, "family_adapters", None)
-        return list(spec["families"]) if spec else []
+        if spec:
+            return list(spec["families"])
+        return list((getattr(self.config, "family_loss_weights", None) or {}).keys())
+
+    def _row_loss_weights(self) -> torch.Tensor | None:
+        """Each training row's loss weight (``config.family_loss_weights``, by the batch's ``family_ids``), or None
+        where the model has no weights or the call carries no family per row."""
+        weights = getattr(self.config, "family_loss_weights", None)
+        family = getattr(self, "_row_families", None)
+        if not weights or family is None:
+            return None
+        table = torch.tensor([float(weights[f]) for f in self.family_names] + [1.0])
+        return table[family.cpu().long().clamp(min=-1)]  # -1 (a family without a weight): the last entry, 1
+
+    def _routed_families(self, rows: int) -> torch.Tensor:
+        """The family index of each of ``rows`` rows from the current route (one for the call, or one per
+        original row when generation expanded the rows for beams)."""
+        if self._route is None:
+            raise RuntimeError("this model has family adapters: call it with family_ids, or inside "
+                               "p5rec.train.model.family_route(model, family)")
+        family = self._route
+        if family.numel() != rows:
+            family = family.repeat_interleave(rows // family.numel())
+        return family
 
     def _adapter_hook(self, adapters: FamilyAdapters, i: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if self._route is None:
-                raise RuntimeError("this model has family adapters: call it with family_ids, or inside "
-                                   "p5rec.train.model.family_route(model, family)")
-            family = self._route.to(hidden.device)
-            if family.numel() != hidden.shape[0]:  # one family for the call, or rows expanded for beams
-                family = family.repeat_interleave(hidden.shape[0] // family.numel())
+            family = self._routed_families(hidden.shape[0]).to(hidden.device)
             hidden = adapters(i, hidden, family)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
@@ -173,18 +193,21 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
                                  encoder_outputs, past_key_values, inputs_embeds, decoder_inputs_embeds, labels,
                                  use_cache, **kwargs)
         before, self._route = self._route, family_ids
+        self._row_families = family_ids
         try:
             return self._forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                  encoder_outputs, past_key_values, inputs_embeds, decoder_inputs_embeds, labels,
                                  use_cache, **kwargs)
         finally:
             self._route = before
+            self._row_families = None
 
     def _forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                  past_key_values, inputs_embeds, decoder_inputs_embeds, labels, use_cache, **kwargs):
         span = getattr(self.config, "item_token_range", None)
         reduction = getattr(self.config, "loss_reduction", "token")
-        if labels is None or (not span and reduction == "token"):
+        row_weights = self._row_loss_weights()
+        if labels is None or (not span and reduction == "token" and row_weights is None):
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
@@ -201,7 +224,8 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
                               encoder_attention_mask=attention_mask, use_cache=False)[0]
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.model_dim**-0.5)
-        loss = item_softmax_loss(hidden, labels.to(hidden.device), self.output_weight(), span, reduction)
+        loss = item_softmax_loss(hidden, labels.to(hidden.device), self.output_weight(), span, reduction,
+                                 None if row_weights is None else row_weights.to(hidden.device))
         return Seq2SeqLMOutput(loss=loss, encoder_last_hidden_state=encoder_outputs[0])
 
 
@@ -209,14 +233,16 @@ LOSS_REDUCTIONS = ("token", "example")
 
 
 def item_softmax_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, span,
-                      reduction: str = "token") -> torch.Tensor:
+                      reduction: str = "token", row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over labelled positions: item labels against item tokens only (when ``span`` is given),
     others against the whole vocabulary.
 
     ``hidden`` [B, T, d] (already scaled as the lm head expects), ``labels`` [B, T] with -100 for no label,
     ``weight`` the [V, d] output embedding, ``span`` the item tokens' [lo, hi) or None (every label against the
     whole vocabulary). ``reduction``: "token", the mean over labelled positions; "example", each row's mean over
-    its labelled positions, then the mean over the rows with any (P5's).
+    its labelled positions, then the mean over the rows with any (P5's). ``row_weights`` [B] multiplies each row's
+    terms (its family's loss weight); the denominators stay the unweighted counts, so weight 1 everywhere is the
+    unweighted loss.
     """
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss reduction {reduction!r}: choose one of {', '.join(LOSS_REDUCTIONS)}")
@@ -233,9 +259,12 @@ def item_softmax_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.
     if (~is_item).any():
         nll = nll.index_put(((~is_item).nonzero()[:, 0],), F.cross_entropy(
             (h[~is_item] @ weight.T).float(), y[~is_item], reduction="none"))
+    rows = mask.nonzero()[:, 0]
+    if row_weights is not None:
+        nll = nll * row_weights.to(nll.dtype)[rows]
     if reduction == "token":
         return nll.sum() / mask.sum().clamp(min=1)
-    per_row = nll.new_zeros(labels.shape[0]).index_add(0, mask.nonzero()[:, 0], nll)
+    per_row = nll.new_zeros(labels.shape[0]).index_add(0, rows, nll)
     counts = mask.sum(1)
     labelled = counts > 0
     return (per_row[labelled] / counts[labelled]).mean() if labelled.any() else nll.sum()

@@ -106,6 +106,25 @@ class ModelArguments:
                   "every block of --family_adapter_stacks, each row routed through its own family's (0: none; "
                   "p5rec.train.model.FamilyAdapters)"},
     )
+    family_loss_weights: str = field(
+        default="",
+        metadata={"help": "loss weight per family, family=weight comma-separated (default 1), e.g. rating=2,review=0.5: "
+                  "each row's loss terms are multiplied by its family's weight"},
+    )
+
+    def loss_weight_map(self) -> dict[str, float]:
+        out = {}
+        for part in filter(str.strip, self.family_loss_weights.split(",")):
+            name, _, w = part.partition("=")
+            try:
+                weight = float(w)
+            except ValueError:
+                weight = -1.0
+            if not name.strip() or not weight >= 0:
+                raise ValueError(f"--family_loss_weights: expected family=weight (a number >= 0), got {part!r}")
+            out[name.strip()] = weight
+        return out
+
     family_adapter_stacks: str = field(
         default="decoder", metadata={"help": "where the family adapters go: encoder, decoder or encoder,decoder"}
     )
@@ -134,6 +153,7 @@ class ModelArguments:
             raise ValueError("--embedding_lr_multiplier and --id_embedding_lr_multiplier must be positive")
         if self.item_output_rows == "separate" and self.id_form != "token":
             raise ValueError("--item_output_rows separate needs one token per item (--id_form token)")
+        self.loss_weight_map()  # a malformed --family_loss_weights fails here, with the flag's name
         if self.family_adapter_dim < 0:
             raise ValueError(f"--family_adapter_dim {self.family_adapter_dim}: expected 0 (none) or a positive width")
         bad = [s for s in self.adapter_stacks() if s not in ("encoder", "decoder")] or (
@@ -331,7 +351,11 @@ def _after_parent_run(parent: Path, prepared, trained: list[str], mix_info: dict
     return sorted(set(trained) | set(parent_trained))
 
 
-def _check_flags(dargs: DataArguments, targs) -> None:
+def _check_flags(dargs: DataArguments, targs, margs: ModelArguments | None = None) -> None:
+    unknown = sorted(set(margs.loss_weight_map()) - set(dargs.family_list())) if margs else []
+    if unknown:
+        raise ValueError(f"--family_loss_weights: {unknown} not among the trained families (--families "
+                         f"{dargs.families})")
     if dargs.batch_grouping == "family" and str(targs.train_sampling_strategy) != "group_by_length":
         raise ValueError("--batch_grouping family sorts the length-grouped sampler's mega-batches: it needs "
                          f"--train_sampling_strategy group_by_length (got {targs.train_sampling_strategy})")
@@ -613,6 +637,10 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
             raise ValueError("--item_output_rows separate needs one added token per item (--id_form token)")
         model.set_item_output_rows(span)  # after the id rows are written: the output rows start from them
     model.config.loss_reduction = margs.loss_reduction
+    weights = margs.loss_weight_map()
+    if weights:
+        names = getattr(model, "family_names", None) or list(spec.families)
+        model.config.family_loss_weights = {f: weights.get(f, 1.0) for f in names}
     if margs.item_softmax:
         span = item_token_range(tokenizer, prepared.index.item_tokens(margs.id_form))
         if span is None:
@@ -873,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     _cpu_processes()
     try:  # a flag that contradicts another: one line, not a traceback from the dataclasses' checks
         margs, dargs, targs = parse_args(argv)
-        _check_flags(dargs, targs)
+        _check_flags(dargs, targs, margs)
     except ValueError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
