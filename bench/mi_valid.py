@@ -99,6 +99,7 @@ COLUMNS = [  # header, (family, protocol, metric) or a baseline, digits
     ("sequential HR@10", ("sequential", "full ranking", "HR@10"), 4),
     ("sequential NDCG@10", ("sequential", "full ranking", "NDCG@10"), 4),
     ("rating RMSE_expected", ("rating", "rating", "RMSE_expected"), 4),
+    ("rating RMSE_calibrated", ("rating", "rating", "RMSE_calibrated"), 4),
     ("explanation ROUGE-L", ("explanation", "text", "ROUGE-L"), 2),
     ("review ROUGE-L", ("review", "text", "ROUGE-L"), 2),
 ]
@@ -129,13 +130,13 @@ def table() -> str:
         renders = r.get("renders") or {}
         mix = "/".join(str(renders.get(k, "–")) for k in ("sequential", "direct", "rating", "explanation", "review"))
         cells = [_f(_get(r, "families", fam, proto, "seen", m), d) for _, (fam, proto, m), d in COLUMNS]
-        cells.insert(6, _f(_hint_rouge(r), 2))
+        cells.insert(7, _f(_hint_rouge(r), 2))
         base = [_f(_get(r, "baselines", fam, b, m), d) for fam, b, m, d in BASELINES]
         gains = _get(r, "prompt_reliance", "families") or {}
         gain = ", ".join(f"{fam} {_f(_get(v, 'seen', 'gain'))}" for fam, v in gains.items())
         rows.append(f"| {f.stem} | {r.get('seed')} | {mix} | {_weights(r)} | " + " | ".join(cells) + f" | {' / '.join(base)} | {gain} |")
     cols = [c[0] for c in COLUMNS]
-    cols.insert(6, "explanation ROUGE-L, hint templates " + ", ".join(HINT_TEMPLATES))
+    cols.insert(7, "explanation ROUGE-L, hint templates " + ", ".join(HINT_TEMPLATES))
     head = ["variant", "seed", "renders s/d/r/e/v", "template weights", *cols,
             "baselines: popularity (direct / seq) / global mean / nearest explanation / best constant explanation", "prompt gain (seen)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]
@@ -149,10 +150,11 @@ SEED_COLUMNS = [
     ("candidates NDCG@10", "direct", "candidates", "NDCG@10", "popularity", 1),
     ("sequential NDCG@10", "sequential", "full ranking", "NDCG@10", "popularity", 1),
     ("rating RMSE_expected", "rating", "rating", "RMSE_expected", "global mean", -1),
+    ("rating RMSE_calibrated", "rating", "rating", "RMSE_calibrated", "global mean", -1),
     ("explanation ROUGE-L", "explanation", "text", "ROUGE-L", "nearest training explanation", 1),
     ("review ROUGE-L", "review", "text", "ROUGE-L", "summary of nearest training review", 1),
 ]
-_BASELINE_METRIC = {"RMSE_expected": "RMSE"}
+_BASELINE_METRIC = {"RMSE_expected": "RMSE", "RMSE_calibrated": "RMSE"}
 
 
 def seed_table(groups: dict[str, list[str]]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from p5rec.eval.evaluation import PROTOCOLS, EvalConfig, build_catalogue_trie, protocol_of, score_template
@@ -29,6 +30,7 @@ def _text(m: dict) -> None:
 def _rating(m: dict) -> None:
     assert m["MAE"] <= m["RMSE"] + 1e-9 and m["MAE_expected"] <= m["RMSE_expected"] + 1e-9
     assert 0.0 <= m["RMSE_expected"] <= 4.0  # an expected star lies in [1, 5]
+    assert m["MAE_calibrated"] <= m["RMSE_calibrated"] + 1e-9 and 0.0 <= m["RMSE_calibrated"] <= 4.0
 
 
 def _accuracy(m: dict) -> None:
@@ -80,6 +82,47 @@ def test_protocol_scores_its_first_template(opened, name):
     assert all(math.isfinite(v) for k, v in r.metrics.items() if not k.endswith("_valid"))  # _valid: NaN if none parse
     assert all("source" in e for e in r.examples)
     CHECKS[name](r.metrics)
+
+
+@pytest.mark.parametrize("split", ["test", "valid"])
+def test_rating_calibration_fits_on_cases_it_does_not_score(opened, split, monkeypatch):
+    """On test the line is fitted on validation's expected stars; on valid, on the other half of the cases. A
+    model whose expected star is half the true star plus 1 is calibrated to the true star exactly."""
+    from p5rec.eval import evaluation
+
+    run, prepared = opened
+    t = next(t for t in run.templates if protocol_of(t) == "rating")
+    cfg = EvalConfig(split=split, max_cases=12, progress=False, max_source_length=run.max_source_length)
+    truth = {}
+    for part in ("valid", "test"):
+        recs = evaluation._records(prepared, "rating", part, 12, cfg.seed)
+        truth.update({s: float(g) for s, g in evaluation._render(t, recs, prepared, run.render_config)})
+    seen = []
+
+    def shifted(ctx, sources):
+        seen.append(list(sources))
+        return np.array([truth[s] for s in sources]) * 0.5 + 1.0
+
+    monkeypatch.setattr(evaluation, "_expected_stars", shifted)
+    tries = {"catalogue": build_catalogue_trie(prepared, run.tokenizer, run.render_config.id_form)}
+    r = score_template(run.model, run.tokenizer, prepared, t, cfg, run.render_config, tries, "rating", run.templates)
+    assert r.metrics["RMSE_expected"] > 0.1  # 0.5 * star + 1 is off the star
+    assert r.metrics["RMSE_calibrated"] == pytest.approx(0.0, abs=1e-9)  # the line 2 * (e - 1) undoes it
+    if split == "test":  # two calls: the scored test cases, then validation's to fit on
+        assert len(seen) == 2 and not set(seen[0]) & set(seen[1])
+    else:
+        assert len(seen) == 1
+
+
+def test_calibrate_stars_by_hand():
+    from p5rec.eval.evaluation import calibrate_stars
+
+    line = calibrate_stars(np.array([3.0, 4.0, 5.0]), np.array([3.5, 4.0, 4.5]))  # slope 0.5, intercept 2
+    assert line(np.array([4.0, 1.0, 10.0])).tolist() == pytest.approx([4.0, 2.5, 5.0])  # clipped to [1, 5]
+    flat = calibrate_stars(np.array([3.0, 4.0, 5.0]), np.array([5.0, 4.0, 3.0]))  # anti-correlated: slope 0
+    assert flat(np.array([1.0, 5.0])).tolist() == pytest.approx([4.0, 4.0])
+    assert calibrate_stars(np.array([4.0, 4.0]), np.array([2.0, 4.0]))(np.array([5.0])).tolist() == [3.0]
+    assert calibrate_stars(np.zeros(0), np.zeros(0))(np.array([0.0, 3.0])).tolist() == [1.0, 3.0]
 
 
 # ------------------------------------------------------------------ the prompt-reliance control

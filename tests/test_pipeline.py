@@ -104,7 +104,8 @@ def test_predict_api_and_cli_agree(run_dir, capsys):
     assert len(cold) == 5
     ranked = rec.rank(items[5:15], user=users[0], history=history)
     assert sorted(p.item for p in ranked) == sorted(items[5:15])
-    assert set(rec.predict_rating(users[0], items[0])) == {"rating", "text"}
+    rating = rec.predict_rating(users[0], items[0])
+    assert set(rating) == {"rating", "text", "expected"} and 1.0 <= rating["expected"] <= 5.0
     assert isinstance(rec.explain(users[0], items[0], feature="sound"), str)
     assert isinstance(rec.summarize("Great strings, bright tone and they stay in tune."), str)
     with pytest.raises(UnknownIdError, match="unknown item 'NOPE'"):
@@ -126,7 +127,7 @@ def test_predict_api_and_cli_agree(run_dir, capsys):
         (["--task", "direct", "--user", users[0], "--candidates", ",".join(items[5:15])],
          lambda o: [p["item"] for p in o["items"]] == [p.item for p in rec.rank(items[5:15], user=users[0])]),
         (["--task", "rating", "--user", users[0], "--item", items[0]],
-         lambda o: o["rating"] == rec.predict_rating(users[0], items[0])["rating"]),
+         lambda o: o["rating"] == rating["rating"] and o["expected"] == pytest.approx(rating["expected"])),
         (["--task", "explanation", "--user", users[0], "--item", items[0], "--feature", "sound"],
          lambda o: o["explanation"] == rec.explain(users[0], items[0], feature="sound")),
         (["--task", "review", "--review", review], lambda o: o["summary"] == rec.summarize(review)),

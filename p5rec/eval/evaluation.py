@@ -12,7 +12,7 @@ How a template is scored follows from two facts about it: its ``scoring`` kind a
 | candidate_ranking / listwise | the same, restricted to the case's saved candidates | same |
 | choice / pointwise over an item (yes/no) | rank the saved candidates by P(yes) - P(no) | same |
 | pairwise | which of (target, one saved negative) the model picks | accuracy |
-| generation, rating target | greedy, parsed, clipped to [1, 5]; unparsable outputs counted | RMSE, MAE |
+| generation, rating target | greedy, parsed, clipped (unparsable counted); expected star, raw, calibrated | RMSE, MAE |
 | choice over a rating (like/dislike, k stars?) | argmax over answer choices | accuracy |
 | generation, text target | greedy (beam optional) | BLEU-4 (BLEU-2 for summaries), ROUGE-1/2/L |
 
@@ -339,19 +339,61 @@ def _generate(ctx: Context, t, text: bool = True):
 
 @register("rating", needs=("records",))
 def _rating(ctx: Context, t) -> Scored:
-    """Greedy output parsed and clipped to [1, 5] (P5's protocol; unparsable outputs counted), and beside it
-    the expected star under the model's distribution over "1".."5" (the estimate that minimises squared error)."""
+    """Greedy output parsed and clipped to [1, 5] (P5's protocol; unparsable outputs counted); beside it the
+    expected star under the model's distribution over "1".."5" (the estimate that minimises squared error), and
+    that expected star calibrated on validation (:func:`calibrate_stars`)."""
     sources, golds, outputs, examples = _generate(ctx, t, text=False)
     fallback = baselines.global_mean_rating(ctx.prepared.family(ctx.table)["train"]["rating"])
-    result = metrics.rating_metrics(outputs, [float(g) for g in golds], fallback=fallback)
-    stars = ["1", "2", "3", "4", "5"]
-    lp = decoding.choice_logprobs(ctx.model, ctx.tokenizer, sources, stars, batch_size=ctx.cfg.batch_size,
-                                  max_source_length=ctx.cfg.max_source_length)
-    p = np.exp(lp - lp.max(1, keepdims=True))
-    expected = (p / p.sum(1, keepdims=True)) @ np.arange(1, 6)
-    exp_m = metrics.rating_metrics(expected.tolist(), [float(g) for g in golds], fallback=fallback)
+    y = np.array([float(g) for g in golds])
+    result = metrics.rating_metrics(outputs, y.tolist(), fallback=fallback)
+    expected = _expected_stars(ctx, sources)
+    exp_m = metrics.rating_metrics(expected.tolist(), y.tolist(), fallback=fallback)
     result["RMSE_expected"], result["MAE_expected"] = exp_m["RMSE"], exp_m["MAE"]
+    if ctx.cfg.split == "valid":  # fitted on the half of the cases it does not score, both ways
+        half = np.arange(len(y)) % 2 == 0
+        calibrated = np.empty_like(expected)
+        for fit, score in ((half, ~half), (~half, half)):
+            calibrated[score] = calibrate_stars(expected[fit], y[fit])(expected[score])
+    else:
+        records = _records(ctx.prepared, ctx.table, "valid", ctx.cfg.max_cases, ctx.cfg.seed)
+        rendered = _render(t, records, ctx.prepared, ctx.render_config)
+        fit_y = np.array([float(g) for _, g in rendered])
+        calibrated = calibrate_stars(_expected_stars(ctx, [s for s, _ in rendered]), fit_y)(expected)
+    cal_m = metrics.rating_metrics(calibrated.tolist(), y.tolist(), fallback=fallback)
+    result["RMSE_calibrated"], result["MAE_calibrated"] = cal_m["RMSE"], cal_m["MAE"]
     return Scored(result, len(sources), invalid=int(result.get("invalid", 0)), examples=examples)
+
+
+def _expected_stars(ctx: Context, sources: list[str]) -> np.ndarray:
+    return expected_stars(ctx.model, ctx.tokenizer, sources, batch_size=ctx.cfg.batch_size,
+                          max_source_length=ctx.cfg.max_source_length)
+
+
+def expected_stars(model, tokenizer, sources: list[str], batch_size: int = 128,
+                   max_source_length: int = 128) -> np.ndarray:
+    """The expected star under the model's distribution over the answers "1".."5" for each prompt."""
+    if not sources:
+        return np.zeros(0)
+    lp = decoding.choice_logprobs(model, tokenizer, sources, ["1", "2", "3", "4", "5"], batch_size=batch_size,
+                                  max_source_length=max_source_length)
+    p = np.exp(lp - lp.max(1, keepdims=True))
+    return (p / p.sum(1, keepdims=True)) @ np.arange(1, 6)
+
+
+def calibrate_stars(expected: np.ndarray, gold: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The least-squares line ``a + b * expected`` through held-out (expected star, true star) pairs, its slope
+    kept at or above 0 (a slope of 0 predicts their mean star), clipped to [1, 5] where applied.
+
+    An overconfident model (ids that memorised their training stars) spreads its expected stars too far; the
+    fitted slope below 1 pulls them back towards the mean, as temperature scaling does for probabilities. With no
+    pairs the line is the identity."""
+    expected, gold = np.asarray(expected, float), np.asarray(gold, float)
+    if len(gold) == 0:
+        return lambda e: np.clip(np.asarray(e, float), 1.0, 5.0)
+    var = float(((expected - expected.mean()) ** 2).mean())
+    slope = max(0.0, float(((expected - expected.mean()) * (gold - gold.mean())).mean()) / var) if var > 0 else 0.0
+    intercept = float(gold.mean()) - slope * float(expected.mean())
+    return lambda e: np.clip(intercept + slope * np.asarray(e, float), 1.0, 5.0)
 
 
 @register("text", needs=("records",))
@@ -832,7 +874,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
 
 def _higher_is_better(key: str) -> bool:
     try:
-        return metrics.lookup(key.removesuffix("_expected")).higher_is_better
+        return metrics.lookup(key.removesuffix("_expected").removesuffix("_calibrated")).higher_is_better
     except KeyError:
         return key not in ("invalid",)
 

@@ -275,6 +275,8 @@ def _schemas():
     class RatingAnswer(BaseModel):
         rating: float | None = Field(description="in [1, 5]; null when the output is not a number")
         text: str
+        expected: float | None = Field(None, description="/rating: the expected star under the model's "
+                                       "distribution over 1..5 (lower squared error than the greedy answer)")
         batch_size: int
         latency_ms: float
 

@@ -355,16 +355,38 @@ class P5Rec:
         return {"rating": None if value is None else min(5.0, max(1.0, value)), "text": text}
 
     def predict_rating_batch(self, requests: list[dict]) -> list[dict]:
-        """For each ``{"user": ..., "item": ..., "template": ...}``: {"rating": float in [1, 5] or None, "text"}."""
+        """For each ``{"user": ..., "item": ..., "template": ...}``: {"rating": the greedy answer as a float in
+        [1, 5] or None, "text": that answer, "expected": the expected star under the model's distribution over
+        "1".."5" (the estimate with the lower squared error; None for a template whose answer is not the star)}."""
         for r in requests:
             self._need_user(r["user"])
             self._check_items([r["item"]], field="item")
-        texts = self._generate("rating", self.default_template("rating"), requests,
-                               [{"user": r["user"], "item": r["item"]} for r in requests], max_new_tokens=6)
-        return [self._rating_answer(t) for t in texts]
+        records = [{"user": r["user"], "item": r["item"]} for r in requests]
+        default = self.default_template("rating")
+        texts = self._generate("rating", default, requests, records, max_new_tokens=6)
+        expected = self._expected_stars("rating", default, requests, records)
+        return [dict(self._rating_answer(t), expected=e) for t, e in zip(texts, expected)]
+
+    def _expected_stars(self, role: str, default: str, requests: list[dict], records: list[dict]) -> list:
+        from p5rec.eval.evaluation import expected_stars
+
+        out: list = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for n, r in enumerate(requests):
+            groups.setdefault(r.get("template") or default, []).append(n)
+        for tid, idx in groups.items():
+            t = self._template(tid, role)
+            if t.scoring != "generation" or "rating" not in t.target_variables:
+                continue
+            with family_route(self.model, t.family):
+                stars = expected_stars(self.model, self.tokenizer, self._sources(t, [records[i] for i in idx]),
+                                       max_source_length=self.max_source_length)
+            for i, e in zip(idx, stars):
+                out[i] = round(float(e), 4)
+        return out
 
     def predict_rating(self, user: str, item: str, template: str | None = None) -> dict:
-        """{"rating": float clipped to [1, 5] or None, "text": raw output}."""
+        """{"rating": greedy answer clipped to [1, 5] or None, "text": raw output, "expected": expected star}."""
         return self.predict_rating_batch([{"user": user, "item": item, "template": template}])[0]
 
     def explain_batch(self, requests: list[dict], num_beams: int | None = None) -> list[str]:
