@@ -108,6 +108,7 @@ BASELINES = [("direct", "popularity", "NDCG@10", 4), ("sequential", "popularity"
              ("explanation", "best constant training explanation", "ROUGE-L", 2)]
 # the seen explanation templates that name the feature word ("..., mentioning price."): what copying it is worth
 HINT_TEMPLATES = ("3-9", "3-10", "3-11")
+_HINT_AT = [c[0] for c in COLUMNS].index("explanation ROUGE-L") + 1  # their column follows explanation's
 
 
 def _hint_rouge(r: dict):
@@ -130,13 +131,13 @@ def table() -> str:
         renders = r.get("renders") or {}
         mix = "/".join(str(renders.get(k, "–")) for k in ("sequential", "direct", "rating", "explanation", "review"))
         cells = [_f(_get(r, "families", fam, proto, "seen", m), d) for _, (fam, proto, m), d in COLUMNS]
-        cells.insert(7, _f(_hint_rouge(r), 2))
+        cells.insert(_HINT_AT, _f(_hint_rouge(r), 2))
         base = [_f(_get(r, "baselines", fam, b, m), d) for fam, b, m, d in BASELINES]
         gains = _get(r, "prompt_reliance", "families") or {}
         gain = ", ".join(f"{fam} {_f(_get(v, 'seen', 'gain'))}" for fam, v in gains.items())
         rows.append(f"| {f.stem} | {r.get('seed')} | {mix} | {_weights(r)} | " + " | ".join(cells) + f" | {' / '.join(base)} | {gain} |")
     cols = [c[0] for c in COLUMNS]
-    cols.insert(7, "explanation ROUGE-L, hint templates " + ", ".join(HINT_TEMPLATES))
+    cols.insert(_HINT_AT, "explanation ROUGE-L, hint templates " + ", ".join(HINT_TEMPLATES))
     head = ["variant", "seed", "renders s/d/r/e/v", "template weights", *cols,
             "baselines: popularity (direct / seq) / global mean / nearest explanation / best constant explanation", "prompt gain (seen)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]

@@ -332,11 +332,8 @@ class P5Rec:
         one ``generate`` call per template."""
         from p5rec.eval.decoding import generate_text
 
-        groups: dict[str, list[int]] = {}
-        for n, r in enumerate(requests):
-            groups.setdefault(r.get("template") or default, []).append(n)
         out = [""] * len(requests)
-        for tid, idx in groups.items():
+        for tid, idx in _by_template(requests, default).items():
             t = self._template(tid, role)
             if "rating" in t.variables - t.target_variables and any(records[i].get("rating") is None for i in idx):
                 raise RequestError(f"template {tid} shows the star rating: pass rating", "rating")
@@ -371,10 +368,7 @@ class P5Rec:
         from p5rec.eval.evaluation import expected_stars
 
         out: list = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for n, r in enumerate(requests):
-            groups.setdefault(r.get("template") or default, []).append(n)
-        for tid, idx in groups.items():
+        for tid, idx in _by_template(requests, default).items():
             t = self._template(tid, role)
             if t.scoring != "generation" or "rating" not in t.target_variables:
                 continue
@@ -674,6 +668,14 @@ def _message(exc: Exception) -> str:
     if isinstance(exc, KeyError) and not isinstance(exc, UnknownIdError) and exc.args:
         return str(exc.args[0])
     return str(exc)
+
+
+def _by_template(requests: list[dict], default: str) -> dict[str, list[int]]:
+    """Request positions grouped by their ``template`` (``default`` where none is named), in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for n, r in enumerate(requests):
+        groups.setdefault(r.get("template") or default, []).append(n)
+    return groups
 
 
 def _print_human(result: dict) -> None:
