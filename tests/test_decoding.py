@@ -211,3 +211,45 @@ def test_continuation_is_exact(surfaces):
 def test_bare_trie_refuses_prefix_spellings():
     with pytest.raises(ValueError, match="prefix-free"):
         ItemTrie({"a": (5,), "b": (5, 6)}, eos_id=None)
+
+
+# ------------------------------------------------------------------ context-aware decoding of text
+def test_prompt_contrast_scores_by_hand():
+    """(1 + a) log p(y | own) - a log p(y | other), the other prompt's decoder run on the same prefix; the
+    plausibility floor drops tokens under b times the best own-prompt probability."""
+    from p5rec.eval.decoding import PromptContrast, _encode, _last_logits
+
+    tok, model = _setup(SINGLE)
+    model.eval()
+    other = _encode(tok, ["good strings", "recommend"], 32, model.device)
+    beams = 2
+    proc = PromptContrast(model, other, contrast=1.5, num_beams=beams)
+    start = torch.full((2 * beams, 1), model.config.decoder_start_token_id)
+    scores = torch.randn(2 * beams, model.config.vocab_size)
+    got = proc(start, scores)
+    other_lp = torch.log_softmax(_last_logits(model, other, start[::beams], torch.zeros(2, dtype=torch.long)), -1)
+    want = 2.5 * torch.log_softmax(scores, -1) - 1.5 * other_lp.repeat_interleave(beams, 0)
+    assert torch.allclose(got, want, atol=1e-5)
+    floor = PromptContrast(model, other, contrast=1.5, num_beams=beams, plausibility=0.5)(start, scores)
+    own = torch.log_softmax(scores, -1)
+    kept = own >= own.max(-1, keepdim=True).values + np.log(0.5)
+    assert torch.isneginf(floor[~kept]).all() and torch.allclose(floor[kept], want[kept], atol=1e-5)
+    assert kept.sum(-1).min() >= 1  # the best token always stays
+
+
+def test_contrast_with_the_own_prompt_changes_nothing_and_sharpens_an_oracle():
+    """Against its own prompt the contrast is the identity; against other cases' prompts an oracle copier still
+    writes each case's own answer (what the case's prompt makes likelier is what it gains)."""
+    from p5rec.eval.decoding import derangement
+
+    tok, model = _setup(SINGLE)
+    src = _train_copy(model, tok, SINGLE)
+    plain = generate_text(model, tok, src, max_new_tokens=4, num_beams=3)
+    assert generate_text(model, tok, src, max_new_tokens=4, num_beams=3, contrast=2.0, contrast_sources=src) == plain
+    other = derangement(len(src), seed=0)
+    assert sorted(other) == list(range(len(src))) and all(o != i for i, o in enumerate(other))
+    for beams in (1, 3):
+        assert generate_text(model, tok, src, max_new_tokens=4, num_beams=beams, contrast=2.0,
+                             contrast_sources=[src[i] for i in other]) == plain
+    with pytest.raises(ValueError, match="one contrast source per prompt"):
+        generate_text(model, tok, src, contrast=1.0, contrast_sources=src[:2])

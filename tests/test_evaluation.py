@@ -173,3 +173,31 @@ def test_prompt_reliance_gives_no_case_its_own_prompt(opened, monkeypatch):
     assert all(r["nll"] == 1.0 and r["gain"] > 1.0 for r in rel["templates"].values())
     assert sum(r["gain"] == 2.0 for r in rel["templates"].values()) >= len(rel["templates"]) // 2
     assert unread_families({"prompt_reliance": rel}) == []
+
+
+# ------------------------------------------------------------------ baselines on the protocol's own cases
+def test_yes_no_baseline_scores_the_users_the_protocol_scores(opened):
+    """The yes/no templates score max_candidate_cases users (each costs 100 prompts); the popularity beside them
+    must rank the same users' candidates, not every user's: popularity_direct over exactly those rows."""
+    from p5rec.eval import baselines, metrics
+    from p5rec.eval.evaluation import BASELINES, BaselineContext, _attach_candidates, _records
+
+    run, prepared = opened
+    spec = run.templates.family_info("direct")
+    name = spec.protocols["yes/no over candidates"].baselines[0]
+    assert spec.baseline(name).method == "popularity" and name != "popularity"
+    counts = prepared.train_item_counts()
+    everyone = prepared.family("direct")["test"]
+    for cap in (2, 0):
+        cfg = EvalConfig(split="test", max_candidate_cases=cap, families=("direct",), progress=False)
+        got = BASELINES["popularity"](BaselineContext(prepared, cfg, spec, "yes/no over candidates", name, {}))[name]
+        rows = _attach_candidates(prepared, "test", _records(prepared, "direct", "test", cap, cfg.seed))
+        assert len(rows) == (cap or len(everyone))
+        want = metrics.ranking_metrics(baselines.popularity_direct({"candidates": [r["candidates"] for r in rows]},
+                                                                   counts), [r["target"] for r in rows])
+        assert got == pytest.approx(want)
+    # the candidate lists, capped by max_cases (0: all), still rank every user
+    cfg = EvalConfig(split="test", max_candidate_cases=2, families=("direct",), progress=False)
+    lists = BASELINES["popularity"](BaselineContext(prepared, cfg, spec, "candidates", "popularity", {}))["popularity"]
+    assert lists == pytest.approx(metrics.ranking_metrics(baselines.popularity_direct(everyone, counts),
+                                                          everyone["target"]))

@@ -506,12 +506,20 @@ def generate_text(
     desc: str | None = None,
     no_repeat_ngram_size: int = 0,
     repetition_penalty: float = 1.0,
+    contrast: float = 0.0,
+    contrast_sources: Sequence[str] | None = None,
+    plausibility: float = 0.0,
 ) -> list[str]:
     """Greedy (or beam) decoding of free text, one string per prompt.
 
     ``no_repeat_ngram_size`` (n > 0: no n-gram of output tokens twice) and ``repetition_penalty`` (CTRL's
     division of a seen token's logit) are ``generate``'s own; they stop the loops a small model falls into
     ("it't, but it't, but it't").
+
+    ``contrast`` > 0 decodes against ``contrast_sources`` (one per prompt: another case's prompt of the same
+    template), scoring each next token by :class:`PromptContrast`: what the case's own prompt says over what any
+    prompt of the template says, so a model that has learnt a stock answer is pushed towards the words its own
+    case makes likelier. ``plausibility`` keeps only tokens within that factor of the best one under the own prompt.
     """
     model.eval()
     results = [""] * len(sources)
@@ -520,10 +528,17 @@ def generate_text(
         extra["no_repeat_ngram_size"] = int(no_repeat_ngram_size)
     if repetition_penalty != 1.0:
         extra["repetition_penalty"] = float(repetition_penalty)
+    if contrast and (contrast_sources is None or len(contrast_sources) != len(sources)):
+        raise ValueError("contrast > 0 needs one contrast source per prompt")
+    from transformers import LogitsProcessorList
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     for idx, texts in _batches(sources, batch_size, desc):
         enc = _encode(tokenizer, texts, max_source_length, model.device)
+        if contrast:
+            other = _encode(tokenizer, [contrast_sources[i] for i in idx], max_source_length, model.device)
+            extra["logits_processor"] = LogitsProcessorList(
+                [PromptContrast(model, other, contrast, num_beams, plausibility)])
         # generate() would size its cache by num_layers, the encoder's depth (see trie_beam_search)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
@@ -531,3 +546,47 @@ def generate_text(
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             results[i] = text.strip()
     return results
+
+
+class PromptContrast:
+    """Context-aware decoding (Shi et al., NAACL 2024, "Trusting Your Evidence"), as a ``generate`` logits processor.
+
+    Each next token is scored ``(1 + a) log p(y | own prompt) - a log p(y | other prompt)``, where the other prompt
+    is another case's prompt of the same template: the template's words are the same, only the user, item, hint or
+    review differ. A token the template alone makes likely (the stock answer a small multitask model falls back
+    to) gains nothing; one that the case's own prompt makes likelier than another case's gains ``a`` times that
+    difference. ``plausibility`` b > 0 (Li et al. 2023) first drops tokens whose own-prompt probability is under
+    b times the best token's, so the contrast cannot promote a token the model itself finds implausible.
+
+    The other prompt's decoder reruns on the whole prefix each step (no cache: beams reorder and texts are short).
+    Beam search hands the processor log-probabilities and greedy search raw logits; both are normalised first.
+    """
+
+    def __init__(self, model, other_enc: dict, contrast: float, num_beams: int, plausibility: float = 0.0):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        self.model, self.contrast, self.plausibility = model, float(contrast), float(plausibility)
+        with torch.no_grad():
+            hidden = model.get_encoder()(**other_enc).last_hidden_state
+        self.encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(num_beams, dim=0))
+        self.attention_mask = other_enc["attention_mask"].repeat_interleave(num_beams, dim=0)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        own = torch.log_softmax(scores.float(), dim=-1)
+        logits = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.attention_mask,
+                            decoder_input_ids=input_ids).logits[:, -1]
+        other = torch.log_softmax(logits.float(), dim=-1)
+        out = (1 + self.contrast) * own - self.contrast * other
+        if self.plausibility > 0:
+            floor = own.max(dim=-1, keepdim=True).values + float(np.log(self.plausibility))
+            out = out.masked_fill(own < floor, float("-inf"))
+        return out.masked_fill(torch.isneginf(own), float("-inf")).to(scores.dtype)
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation with no fixed point (for n >= 2): case ``i`` is paired with case ``out[i]``."""
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty_like(order)
+    out[order] = np.roll(order, -1)  # case order[j] gets case order[j + 1]
+    return out

@@ -66,6 +66,11 @@ class EvalConfig:
     text_beams: int = 4
     text_no_repeat_ngram: int = 3  # generate()'s no_repeat_ngram_size for text (0: off)
     text_repetition_penalty: float = 1.0
+    # Context-aware decoding of text (decoding.PromptContrast): each next token scored against another case's
+    # prompt of the same template, times text_contrast (0: off); text_plausibility keeps only the tokens within
+    # that factor of the best one under the case's own prompt (0: all)
+    text_contrast: float = 0.0
+    text_plausibility: float = 0.0
     max_new_tokens: int = 32
     max_source_length: int | None = None  # None: the run's own (run_config.json data.max_source_length)
     exclude_history: bool = False
@@ -162,16 +167,17 @@ class Protocol:
     score: Callable[[Context, Any], Scored]
     needs: frozenset[str]
     doc: str
+    cases: str = "max_cases"  # the EvalConfig field that caps its cases; its baselines are scored on the same ones
 
 
 PROTOCOLS: dict[str, Protocol] = {}
 
 
-def register(name: str, needs: tuple[str, ...] = ()):
+def register(name: str, needs: tuple[str, ...] = (), cases: str = "max_cases"):
     def wrap(fn):
         if name in PROTOCOLS:
             raise ValueError(f"protocol {name!r} registered twice")
-        PROTOCOLS[name] = Protocol(name, fn, frozenset(needs), (fn.__doc__ or "").strip().split("\n")[0])
+        PROTOCOLS[name] = Protocol(name, fn, frozenset(needs), (fn.__doc__ or "").strip().split("\n")[0], cases)
         return fn
 
     return wrap
@@ -263,7 +269,7 @@ def _candidates(ctx: Context, t) -> Scored:
     return Scored(result, len(records), examples=_ranking_examples(sources, records, ranked))
 
 
-@register("yes/no over candidates", needs=("records", "saved candidates"))
+@register("yes/no over candidates", needs=("records", "saved candidates"), cases="max_candidate_cases")
 def _yes_no_over_candidates(ctx: Context, t) -> Scored:
     """One yes/no prompt per (case, saved candidate); candidates ranked by log P(yes) - log P(no)."""
     records = _records(ctx.prepared, ctx.table, ctx.cfg.split, ctx.cfg.max_candidate_cases, ctx.cfg.seed)
@@ -331,6 +337,10 @@ def _generate(ctx: Context, t, text: bool = True):
     sources, golds = [s for s, _ in rendered], [g for _, g in rendered]
     settings = dict(num_beams=ctx.cfg.text_beams, no_repeat_ngram_size=ctx.cfg.text_no_repeat_ngram,
                     repetition_penalty=ctx.cfg.text_repetition_penalty) if text else {}
+    if text and ctx.cfg.text_contrast and len(sources) > 1:
+        other = decoding.derangement(len(sources), ctx.cfg.seed)
+        settings.update(contrast=ctx.cfg.text_contrast, contrast_sources=[sources[i] for i in other],
+                        plausibility=ctx.cfg.text_plausibility)
     outputs = decoding.generate_text(ctx.model, ctx.tokenizer, sources, max_new_tokens=ctx.cfg.max_new_tokens,
                                      **settings, **ctx.common)
     examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
@@ -568,7 +578,9 @@ class BaselineContext:
         return self.prepared.family(self.spec.data)
 
     def records(self) -> list[dict]:
-        return _records(self.prepared, self.spec.data, self.cfg.split, self.cfg.max_cases, self.cfg.seed)
+        """The cases the protocol scores the model on (the same seeded rows, under the same cap)."""
+        cap = getattr(self.cfg, PROTOCOLS[self.protocol].cases) if self.protocol in PROTOCOLS else self.cfg.max_cases
+        return _records(self.prepared, self.spec.data, self.cfg.split, cap, self.cfg.seed)
 
     def arg(self, key: str) -> str:
         if key not in self.args:
@@ -603,10 +615,11 @@ def _popularity(ctx: BaselineContext) -> dict:
     """Training-set popularity: over each case's saved candidates where the family ranks candidates, else over
     the catalogue (also with each user's history excluded, SASRec's protocol)."""
     counts = ctx.prepared.train_item_counts()
-    split = ctx.table[ctx.cfg.split]
-    if "candidates" in split.column_names:
-        return {ctx.name: metrics.ranking_metrics(baselines.popularity_direct(split, counts), split["target"])}
     rows = ctx.records()
+    if "candidates" in ctx.table[ctx.cfg.split].column_names:
+        rows = _attach_candidates(ctx.prepared, ctx.cfg.split, rows)
+        ranked = baselines.popularity_direct({"candidates": [r["candidates"] for r in rows]}, counts)
+        return {ctx.name: metrics.ranking_metrics(ranked, [r["target"] for r in rows])}
     targets = [r["target"] for r in rows]
     train_items = [i for seq in ctx.prepared.training_sequences().values() for i in seq]
     return {
@@ -840,6 +853,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "decoding": {"num_beams": cfg.num_beams, "text_beams": cfg.text_beams, "max_new_tokens": cfg.max_new_tokens,
                      "text_no_repeat_ngram": cfg.text_no_repeat_ngram,
                      "text_repetition_penalty": cfg.text_repetition_penalty,
+                     "text_contrast": cfg.text_contrast, "text_plausibility": cfg.text_plausibility,
                      "id_form": id_form, "restricted": "prefix trie over the catalogue / saved candidates"},
         "manifest_fingerprint": prepared.manifest.get("fingerprint"),
         "manifest_sha256": hashlib.sha256((Path(prepared.path) / "manifest.json").read_bytes()).hexdigest(),
@@ -1064,6 +1078,10 @@ def add_cli(subparsers) -> None:
                    help="no n-gram twice in generated text (0: off)")
     p.add_argument("--text-repetition-penalty", type=float, default=EvalConfig.text_repetition_penalty,
                    help="CTRL repetition penalty for generated text (1.0: off)")
+    p.add_argument("--text-contrast", type=float, default=EvalConfig.text_contrast,
+                   help="context-aware decoding of text: weight of the contrast with another case's prompt (0: off)")
+    p.add_argument("--text-plausibility", type=float, default=EvalConfig.text_plausibility,
+                   help="with --text-contrast: keep only tokens within this factor of the best one (0: all)")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-sasrec", action="store_true", help="skip training SASRec as the sequential baseline")
@@ -1082,6 +1100,8 @@ def _cli(args) -> int:
         text_beams=args.text_beams,
         text_no_repeat_ngram=args.text_no_repeat_ngram,
         text_repetition_penalty=args.text_repetition_penalty,
+        text_contrast=args.text_contrast,
+        text_plausibility=args.text_plausibility,
         exclude_history=args.exclude_history,
         baselines=not args.no_baselines,
         sasrec=not args.no_sasrec,
