@@ -147,7 +147,9 @@ def table() -> str:
 # what a seed comparison scores: (header, family, protocol, metric, the baseline of that family, 1 if higher is
 # better else -1); each seed's value is set against its own split's baseline, as the seed re-draws the split
 SEED_COLUMNS = [
-    ("yes/no NDCG@10", "direct", "yes/no over candidates", "NDCG@10", "popularity", 1),
+    # the yes/no rows' popularity on the users they scored (results before 2026-12-07 have only "popularity", which
+    # is the same where every user was scored, as these validation runs do)
+    ("yes/no NDCG@10", "direct", "yes/no over candidates", "NDCG@10", "popularity on the yes/no users|popularity", 1),
     ("candidates NDCG@10", "direct", "candidates", "NDCG@10", "popularity", 1),
     ("sequential NDCG@10", "sequential", "full ranking", "NDCG@10", "popularity", 1),
     ("rating RMSE_expected", "rating", "rating", "RMSE_expected", "global mean", -1),
@@ -161,7 +163,7 @@ _BASELINE_METRIC = {"RMSE_expected": "RMSE", "RMSE_calibrated": "RMSE"}
 def seed_table(groups: dict[str, list[str]]) -> str:
     """Each variant's seeds side by side: per column the value minus its split's baseline (the sign set so that
     positive is better), each seed's margin, and their mean. A missing score is a dash and stays out of the mean."""
-    head = ["variant", "seeds", *[f"{h} (vs {b})" for h, _, _, _, b, _ in SEED_COLUMNS]]
+    head = ["variant", "seeds", *[f"{h} (vs {b.split('|')[-1]})" for h, _, _, _, b, _ in SEED_COLUMNS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, names in groups.items():
         runs = []
@@ -175,7 +177,9 @@ def seed_table(groups: dict[str, list[str]]) -> str:
             margins = []
             for r in runs:
                 v = _get(r, "families", fam, proto, "seen", metric)
-                b = _get(r, "baselines", fam, base, _BASELINE_METRIC.get(metric, metric))
+                b = next((x for name in base.split("|")
+                          if (x := _get(r, "baselines", fam, name, _BASELINE_METRIC.get(metric, metric))) is not None),
+                         None)
                 margins.append(None if v is None or b is None else sign * (v - b))
             got = [m for m in margins if m is not None]
             digits = 2 if proto == "text" else 4

@@ -225,16 +225,29 @@ def test_prompt_contrast_scores_by_hand():
     beams = 2
     proc = PromptContrast(model, other, contrast=1.5, num_beams=beams)
     start = torch.full((2 * beams, 1), model.config.decoder_start_token_id)
-    scores = torch.randn(2 * beams, model.config.vocab_size)
+    scores = torch.log_softmax(torch.randn(2 * beams, model.config.vocab_size), -1)  # as beam search hands them
+    scores[0, 3] = float("-inf")  # a token a processor before it banned stays banned
     got = proc(start, scores)
     other_lp = torch.log_softmax(_last_logits(model, other, start[::beams], torch.zeros(2, dtype=torch.long)), -1)
-    want = 2.5 * torch.log_softmax(scores, -1) - 1.5 * other_lp.repeat_interleave(beams, 0)
-    assert torch.allclose(got, want, atol=1e-5)
+    want = 2.5 * scores - 1.5 * other_lp.repeat_interleave(beams, 0)
+    assert torch.isneginf(got[0, 3]) and torch.allclose(got, want, atol=1e-5)
     floor = PromptContrast(model, other, contrast=1.5, num_beams=beams, plausibility=0.5)(start, scores)
-    own = torch.log_softmax(scores, -1)
-    kept = own >= own.max(-1, keepdim=True).values + np.log(0.5)
+    kept = scores >= scores.max(-1, keepdim=True).values + np.log(0.5)
     assert torch.isneginf(floor[~kept]).all() and torch.allclose(floor[kept], want[kept], atol=1e-5)
     assert kept.sum(-1).min() >= 1  # the best token always stays
+    # the next step from the cache: beams reordered (row 1 extends row 0, row 3 extends row 2...), as from scratch
+    second = torch.cat([start[[1, 0, 3, 2]], torch.tensor([[5], [7], [5], [9]])], dim=1)
+    second[0, 0] = second[1, 0] = start[0, 0]
+    got = proc(second, scores)
+    full = _last_logits(model, {"attention_mask": other["attention_mask"].repeat_interleave(beams, 0)}, second,
+                        torch.ones(4, dtype=torch.long), hidden=proc.hidden)
+    want = 2.5 * scores - 1.5 * torch.log_softmax(full, -1)
+    assert torch.allclose(got, want, atol=1e-4)
+    third = torch.cat([second[[1, 0, 2, 2]], torch.tensor([[4], [4], [6], [8]])], dim=1)  # rows swap, one forks
+    got = proc(third, scores)
+    full = _last_logits(model, {"attention_mask": other["attention_mask"].repeat_interleave(beams, 0)}, third,
+                        torch.full((4,), 2, dtype=torch.long), hidden=proc.hidden)
+    assert torch.allclose(got, 2.5 * scores - 1.5 * torch.log_softmax(full, -1), atol=1e-4)
 
 
 def test_contrast_with_the_own_prompt_changes_nothing_and_sharpens_an_oracle():

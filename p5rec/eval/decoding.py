@@ -153,10 +153,13 @@ def first_step_logits(model, enc) -> torch.Tensor:
     return _last_logits(model, enc, start, torch.zeros(len(start), dtype=torch.long, device=model.device))
 
 
-def _last_logits(model, enc, decoder_input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def _last_logits(model, enc, decoder_input_ids: torch.Tensor, last: torch.Tensor,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Logits at position ``last[b]`` of each row's decoder input, [batch, vocab], without computing the
-    vocabulary projection at the other positions (right-padded rows are exact: the decoder is causal)."""
-    hidden = model.get_encoder()(**enc).last_hidden_state
+    vocabulary projection at the other positions (right-padded rows are exact: the decoder is causal).
+    ``hidden``: the encoder's output for ``enc`` when the caller has it already."""
+    if hidden is None:
+        hidden = model.get_encoder()(**enc).last_hidden_state
     out = model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=hidden,
                               encoder_attention_mask=enc["attention_mask"], use_cache=False).last_hidden_state
     h = out[torch.arange(len(out), device=out.device), last]
@@ -558,33 +561,58 @@ class PromptContrast:
     difference. ``plausibility`` b > 0 (Li et al. 2023) first drops tokens whose own-prompt probability is under
     b times the best token's, so the contrast cannot promote a token the model itself finds implausible.
 
-    The other prompt's decoder reruns on the whole prefix each step (no cache: beams reorder and texts are short).
-    Beam search hands the processor log-probabilities and greedy search raw logits; both are normalised first.
+    The other prompt's decoder keeps its own cache. ``generate`` does not tell a processor which beam each new row
+    extends, so it is read off the rows: a new row's prefix (all but its last token) is the whole of the row it
+    extends, found among the same prompt's rows of the step before; the cache is reordered by those parents and only
+    the new token runs through the decoder. Beam search hands the processor log-probabilities and greedy search raw
+    logits; both are normalised first.
     """
 
     def __init__(self, model, other_enc: dict, contrast: float, num_beams: int, plausibility: float = 0.0):
-        from transformers.modeling_outputs import BaseModelOutput
-
         self.model, self.contrast, self.plausibility = model, float(contrast), float(plausibility)
+        self.num_beams = num_beams
         with torch.no_grad():
             hidden = model.get_encoder()(**other_enc).last_hidden_state
-        self.encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(num_beams, dim=0))
-        self.attention_mask = other_enc["attention_mask"].repeat_interleave(num_beams, dim=0)
+        self.hidden = hidden.repeat_interleave(num_beams, dim=0)
+        self.mask = other_enc["attention_mask"].repeat_interleave(num_beams, dim=0)
+        self.scale = model.config.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", True) else 1.0
+        self.cache, self.rows = None, None  # the decoder cache and the rows it holds
+
+    def _parents(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """For each row, the row of the step before that it extends (within its prompt's ``num_beams`` rows)."""
+        rows, n = input_ids.shape[0], self.num_beams
+        prefix = input_ids[:, :-1].view(rows // n, n, 1, -1)
+        before = self.rows.view(rows // n, 1, n, -1)
+        same = (prefix == before).all(-1)  # [prompts, new row, old row]
+        if not bool(same.any(-1).all()):
+            raise RuntimeError("PromptContrast: a beam extends no row of the step before")
+        return (same.float().argmax(-1) + torch.arange(0, rows, n, device=input_ids.device)[:, None]).view(-1)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        own = torch.log_softmax(scores.float(), dim=-1)
-        logits = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.attention_mask,
-                            decoder_input_ids=input_ids).logits[:, -1]
-        other = torch.log_softmax(logits.float(), dim=-1)
-        out = (1 + self.contrast) * own - self.contrast * other
-        if self.plausibility > 0:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        # beam search passes log-probabilities; greedy passes logits, whose per-row shift changes no choice below
+        own = scores.float()
+        if self.cache is None or self.rows is None or self.rows.shape[1] != input_ids.shape[1] - 1:
+            # the first step (or a call out of sequence): the whole prefix, a fresh cache
+            self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            step = input_ids
+        else:
+            self.cache.self_attention_cache.reorder_cache(self._parents(input_ids))
+            step = input_ids[:, -1:]
+        out = self.model.get_decoder()(input_ids=step, encoder_hidden_states=self.hidden,
+                                       encoder_attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        self.rows = input_ids
+        other = torch.log_softmax(self.model.lm_head(out.last_hidden_state[:, -1] * self.scale).float(), dim=-1)
+        mixed = torch.sub(own, other).mul_(self.contrast).add_(own)  # (1 + a) own - a other, in place
+        if self.plausibility > 0:  # a -inf (banned) token is under any finite floor
             floor = own.max(dim=-1, keepdim=True).values + float(np.log(self.plausibility))
-            out = out.masked_fill(own < floor, float("-inf"))
-        return out.masked_fill(torch.isneginf(own), float("-inf")).to(scores.dtype)
+            return mixed.masked_fill_(own < floor, float("-inf")).to(scores.dtype)
+        return mixed.masked_fill_(torch.isneginf(own), float("-inf")).to(scores.dtype)
 
 
-def derangement(n: int, seed: int) -> np.ndarray:
+def derangement(n: int, seed: int | np.random.Generator) -> np.ndarray:
     """A seeded permutation with no fixed point (for n >= 2): case ``i`` is paired with case ``out[i]``."""
     order = np.random.default_rng(seed).permutation(n)
     out = np.empty_like(order)

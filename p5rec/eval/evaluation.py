@@ -469,9 +469,7 @@ def prompt_reliance(model, tokenizer, prepared, chosen, cfg: EvalConfig, render_
                 continue
             src = [rows["source"][i] for i in idx]
             tgt = [rows["target"][i] for i in idx]
-            order = rng.permutation(len(idx))
-            other = np.empty_like(order)
-            other[order] = np.roll(order, -1)  # case order[j] gets the prompt of case order[j + 1]
+            other = decoding.derangement(len(idx), rng)
             kw = dict(batch_size=cfg.batch_size, max_source_length=cfg.max_source_length or 256)
             with family_route(model, fam):
                 own, count = decoding.target_logprobs(model, tokenizer, src, tgt, **kw)
