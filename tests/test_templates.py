@@ -202,6 +202,24 @@ def test_template_weights_flag_parses_and_rejects_bad_input():
         _template_weights(DataArguments(template_weights="9-99=2"), load_templates())
 
 
+def test_template_weight_key_sets_the_default_and_the_flag_overrides_it(tmp_path):
+    """A template's `weight:` is its training share by default (the shipped hint templates take 8); the flag wins;
+    a weight that is not a positive number is one validation line."""
+    from p5rec.train.training import DataArguments, _template_weights
+
+    shipped = load_templates()
+    assert [shipped.get(t).weight for t in ("3-9", "3-10", "3-11", "3-1")] == [8.0, 8.0, 8.0, None]
+    weights = _template_weights(DataArguments(), shipped)
+    assert weights["3-9"] == 8.0 and "3-1" not in weights and weights["5-5"] == 0.3
+    assert _template_weights(DataArguments(template_weights="3-9=2"), shipped)["3-9"] == 2.0
+    f = _write(tmp_path, GOOD.replace("    seen: true\n", "    seen: true\n    weight: 2.5\n"))
+    assert validate(f) == [] and load_templates(paths=[f]).get("X-1").weight == 2.5
+    for bad in ("0", "-1", "many", "true"):
+        f = _write(tmp_path, GOOD.replace("    seen: true\n", f"    seen: true\n    weight: {bad}\n"))
+        [p] = _only(validate(f), "format")
+        assert p.template == "X-1" and "'weight' must be a positive number" in str(p)
+
+
 def test_token_and_text_forms(shipped):
     t = shipped.get("2-1")
     rec = {"user": "U3", "history": ["A5", "A9"], "target": "A2"}

@@ -117,6 +117,7 @@ class Template:
     target: str
     file: str
     line: int
+    weight: float | None = None  # sampling weight among its family's templates in training (None: the default)
     variables: frozenset[str] = field(default=frozenset(), repr=False)  # fields used by source or target
     target_variables: frozenset[str] = field(default=frozenset(), repr=False)
     _source: jinja2.Template | None = field(default=None, repr=False, compare=False)
@@ -394,6 +395,11 @@ def _parse_file(path: Path, env: jinja2.Environment,
             choices = None
         if scoring in CHOICE_SCORING and not choices:
             bad(line, tid, "answer_choices", f"scoring {scoring!r} needs answer_choices")
+        weight = entry.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
+            bad(line, tid, "format", f"'weight' must be a positive number (its share among the family's templates "
+                "in training; 1 when left out)")
+            weight = None
         fields = entry.get("fields") or []
         if not isinstance(fields, list):
             bad(line, tid, "format", "'fields' must be a list")
@@ -442,7 +448,7 @@ def _parse_file(path: Path, env: jinja2.Environment,
                 id=tid, name=name, family=fam, seen=bool(seen), scoring=str(scoring),
                 answer_choices=[str(c) for c in choices] if choices else None,
                 fields=[str(f) for f in fields], source=source, target=target, file=fname, line=line,
-                variables=frozenset(variables), target_variables=frozenset(used["target"]),
+                weight=None if weight is None else float(weight), variables=frozenset(variables), target_variables=frozenset(used["target"]),
                 _source=compiled["source"], _target=compiled["target"],
                 _target_var=m.group(1) if (m := _BARE_VAR.match(target)) else None,
             )

@@ -206,8 +206,9 @@ class DataArguments:
     )
     template_weights: str = field(
         default="",
-        metadata={"help": "sampling weight of templates within their family, id=weight comma-separated (default 1; "
-                  "candidate-list templates take --candidate_template_weight), e.g. 3-9=3,3-10=3"},
+        metadata={"help": "sampling weight of templates within their family, id=weight comma-separated (default: "
+                  "the template's `weight:`, else 1; candidate-list templates take --candidate_template_weight), "
+                  "e.g. 3-9=3,3-10=3"},
     )
     batch_grouping: str = field(
         default="length",
@@ -790,9 +791,10 @@ def _grouping_keys(train, grouping: str):
 
 
 def _template_weights(dargs: DataArguments, templates) -> dict[str, float]:
-    """Sampling weights within each family: candidate-list templates at ``--candidate_template_weight``, then
-    ``--template_weights``."""
+    """Sampling weights within each family: candidate-list templates at ``--candidate_template_weight``, then each
+    template's own ``weight:`` (tasks/<family>/templates.yaml), then ``--template_weights``."""
     weights = {t.id: dargs.candidate_template_weight for t in templates if t.scoring == "candidate_ranking"}
+    weights |= {t.id: t.weight for t in templates if t.weight is not None}
     given = dargs.template_weight_map()
     unknown = [t for t in given if t not in templates]
     if unknown:
