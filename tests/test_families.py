@@ -39,7 +39,7 @@ def test_shipped_specs_declare_every_protocol_their_templates_are_scored_by():
     specs = F.shipped_specs()
     assert list(specs) == ["sequential", "direct", "rating", "explanation", "review", "ranking"]  # by `order`
     assert F.main_families() == ("sequential", "direct", "rating", "explanation", "review")
-    assert F.main_renders() == "sequential=3,direct=2,rating=2,explanation=3,review=3"
+    assert F.main_renders() == "sequential=3,direct=2,rating=2,explanation=6,review=3"
     for t in templates:
         assert protocol_of(t) in specs[t.family].protocols, (t.id, protocol_of(t))
     for spec in specs.values():

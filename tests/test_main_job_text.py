@@ -3,7 +3,9 @@ written by ``python bench/mi.py --config main``): one sentence for every case is
 result, whatever ROUGE it scores.
 
 It fails today, and is marked so (issue 17): the main job's 1.7 M-parameter model, trained for 10 minutes on two
-CPU cores, writes one sentence per template for explanation and review. ``strict=True`` turns the day it passes
+CPU cores, writes a few stock sentences per template for explanation and review (since 2026-12-07 the hint
+templates copy their feature word: "This is a great tuner.", but distinct-2 stays 0.3-2.6 %). ``strict=True`` turns
+the day it passes
 into a failure too, so the marker is removed then and the test guards the main job from that run on.
 """
 
@@ -31,8 +33,8 @@ def test_the_main_job_results_score_generated_text():
     assert all("distinct-2" in r["metrics"] for r in text.values())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: the main job writes one sentence per text template "
-                                       "(distinct-2 under 0.5 %)")
+@pytest.mark.xfail(strict=True, reason="issue 17: the main job writes a few stock sentences per text template "
+                                       "(distinct-2 0.3-2.6 %)")
 def test_the_main_job_writes_text_that_depends_on_the_case():
     report = _report()
     bad = [(tid, round(d2, 2)) for tid, d2 in degenerate_templates(report) if report["templates"][tid]["seen"]]
