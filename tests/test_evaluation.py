@@ -201,3 +201,52 @@ def test_yes_no_baseline_scores_the_users_the_protocol_scores(opened):
     lists = BASELINES["popularity"](BaselineContext(prepared, cfg, spec, "candidates", "popularity", {}))["popularity"]
     assert lists == pytest.approx(metrics.ranking_metrics(baselines.popularity_direct(everyone, counts),
                                                           everyone["target"]))
+
+
+# ------------------------------------------------------------------ text decoded against the prompt without its evidence
+def test_summaries_are_decoded_against_the_prompt_without_the_review_in_evaluation_and_in_p5rec(opened, monkeypatch):
+    """The review family's `decoding:` contrasts each summary prompt with the same prompt whose review is empty;
+    P5Rec.summarize decodes a request exactly as the evaluation decodes the same case; a rating read from a review
+    and a family without `decoding:` are decoded plainly; --text-contrast 0 turns it off."""
+    from p5rec.eval import decoding, evaluation
+    from p5rec.serve.inference import P5Rec
+
+    run, prepared = opened
+    calls: list[tuple[list[str], dict]] = []
+
+    def fake(model, tokenizer, sources, **kw):
+        calls.append((list(sources), kw))
+        return ["Great strings"] * len(sources)
+
+    monkeypatch.setattr(decoding, "generate_text", fake)
+    spec = run.templates.family_info("review").decoding
+    t = next(t for t in run.templates.by_family("review") if protocol_of(t) == "text" and "review" in t.variables)
+    tries = {"catalogue": build_catalogue_trie(prepared, run.tokenizer, run.render_config.id_form)}
+
+    def score(template, **cfg):
+        calls.clear()
+        cfg = EvalConfig(split="test", max_cases=4, progress=False, max_source_length=run.max_source_length, **cfg)
+        score_template(run.model, run.tokenizer, prepared, template, cfg, run.render_config, tries,
+                       run.templates.family_info(template.family).data, run.templates)
+        return calls[-1]
+
+    sources, kw = score(t)
+    assert kw["contrast"] == spec.contrast > 0 and kw["plausibility"] == spec.plausibility
+    records = evaluation._records(prepared, "review", "test", 4, 42)
+    for source, other, rec in zip(sources, kw["contrast_sources"], records):
+        review = evaluation._render(t, [rec], prepared, run.render_config)[0][0][len(other.rstrip()):].strip()
+        assert source.startswith(other.rstrip()) and len(other) < len(source) and review  # the review, cut out
+    assert "contrast" not in score(t, text_contrast=0.0)[1]
+    explanation = next(t for t in run.templates.by_family("explanation") if protocol_of(t) == "text")
+    assert "contrast" not in score(explanation)[1]  # its spec declares no contrast
+
+    rec = P5Rec.from_pretrained(run.path)
+    r = records[0]
+    calls.clear()
+    rec.summarize(r["review"], user=r["user"], template=t.id)
+    (served,), served_kw = calls[-1]
+    assert served == sources[0] and served_kw["contrast_sources"] == [kw["contrast_sources"][0]]
+    assert served_kw["contrast"] == kw["contrast"]
+    calls.clear()
+    rec.rate_review(r["review"], user=r["user"])
+    assert calls and "contrast" not in calls[-1][1]

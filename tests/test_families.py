@@ -48,6 +48,10 @@ def test_shipped_specs_declare_every_protocol_their_templates_are_scored_by():
             assert set(spec.curve.protocols) <= set(spec.protocols)
         for role, (known, new) in spec.inference.items():
             assert templates.get(known).family == spec.family and templates.get(new).family == spec.family
+    for spec in specs.values():  # a field the contrast prompt leaves empty is shown by one of its text templates
+        shown = set().union(*(t.variables - t.target_variables for t in templates.by_family(spec.family)))
+        assert set(spec.decoding.without) <= shown, spec.family
+    assert specs["review"].decoding.contrast > 0  # chosen on validation (bench/README.md)
     roles = [r for s in specs.values() for r in s.inference]
     assert sorted(roles) == sorted(F.ROLES)  # every role P5Rec uses, each declared once
 
@@ -73,6 +77,17 @@ def test_shipped_specs_declare_every_protocol_their_templates_are_scored_by():
     ("family: stars\ndata: rating\ninference: {rating_stars: [S-1]}\n", "inference.rating_stars: expected a role"),
     ("family: stars\ndata: rating\ninference: {explain: [S-1, S-9]}\n",
      "inference.explain: expected a template id of this file, got 'S-9'"),
+    ("family: stars\ndata: rating\ndecoding: 3\n", "decoding: expected a mapping with contrast, without"),
+    ("family: stars\ndata: rating\ndecoding: {contrast: -1, without: [item]}\n",
+     "decoding.contrast: expected a number >= 0, got -1"),
+    ("family: stars\ndata: rating\ndecoding: {contrast: 2, without: [item], plausibility: 1.5}\n",
+     "decoding.plausibility: expected a number in [0, 1), got 1.5"),
+    ("family: stars\ndata: rating\ndecoding: {contrast: 2, without: [review]}\n",
+     "decoding.without: review not in the family's schema (user, item, rating)"),
+    ("family: stars\ndata: rating\ndecoding: {contrast: 2}\n",
+     "decoding.without: expected the fields the contrast prompt leaves empty"),
+    ("family: stars\ndata: rating\ndecoding: {contrast: 2, without: [item], beams: 4}\n",
+     "decoding: unknown key(s) beams; expected contrast, without, plausibility"),
 ])
 def test_a_bad_header_is_one_line_naming_file_and_field(tmp_path, header, problem):
     path = _family_file(tmp_path, header)

@@ -36,7 +36,7 @@ import numpy as np
 from p5rec import atomic
 
 from p5rec.eval import baselines, decoding, metrics
-from p5rec.prompts.families import FamilySpec, shipped_specs
+from p5rec.prompts.families import DecodingSpec, FamilySpec, shipped_specs
 from p5rec.train.routing import family_route
 
 logger = logging.getLogger(__name__)
@@ -66,11 +66,14 @@ class EvalConfig:
     text_beams: int = 4
     text_no_repeat_ngram: int = 3  # generate()'s no_repeat_ngram_size for text (0: off)
     text_repetition_penalty: float = 1.0
-    # Context-aware decoding of text (decoding.PromptContrast): each next token scored against another case's
-    # prompt of the same template, times text_contrast (0: off); text_plausibility keeps only the tokens within
-    # that factor of the best one under the case's own prompt (0: all)
-    text_contrast: float = 0.0
-    text_plausibility: float = 0.0
+    # Context-aware decoding of text (decoding.PromptContrast): each next token scored against a contrast prompt,
+    # times text_contrast (0: off); text_plausibility keeps only the tokens within that factor of the best one
+    # under the case's own prompt (0: all). The contrast prompt is the case's own prompt with the fields of
+    # text_contrast_without left empty (a template using none of them is decoded plainly); with no such fields,
+    # another case's prompt of the same template. None: the family's own (its spec's `decoding:`; families.py)
+    text_contrast: float | None = None
+    text_plausibility: float | None = None
+    text_contrast_without: tuple[str, ...] | None = None
     max_new_tokens: int = 32
     max_source_length: int | None = None  # None: the run's own (run_config.json data.max_source_length)
     exclude_history: bool = False
@@ -330,6 +333,34 @@ def _choice_accuracy(ctx: Context, t) -> Scored:
     return Scored({"accuracy": metrics.accuracy(preds, golds)}, len(sources), examples=examples)
 
 
+def text_decoding_of(family: str, templates, cfg: EvalConfig | None = None) -> DecodingSpec:
+    """The context-aware decoding of ``family``'s text: its spec's ``decoding:`` (none for a family the template
+    set does not declare), each part overridden where ``cfg`` sets it."""
+    spec = DecodingSpec()
+    if templates is not None:
+        try:
+            spec = templates.family_info(family).decoding
+        except KeyError:
+            pass
+    if cfg is None:
+        return spec
+    return DecodingSpec(spec.contrast if cfg.text_contrast is None else float(cfg.text_contrast),
+                        spec.without if cfg.text_contrast_without is None else tuple(cfg.text_contrast_without),
+                        spec.plausibility if cfg.text_plausibility is None else float(cfg.text_plausibility))
+
+
+def text_contrast(spec: DecodingSpec, template, records: list[dict], render) -> dict:
+    """``decoding.generate_text``'s contrast settings for ``template``'s prompts of ``records``: the contrast
+    prompts are ``render(records)`` with the fields of ``spec.without`` that the template shows left empty; {} when
+    it shows none of them (or the contrast is 0). Evaluation and ``P5Rec`` both decode through it, so the text
+    a user is served is the text that was scored."""
+    blank = [f for f in spec.without if f in template.variables - template.target_variables]
+    if not spec.contrast or not blank:
+        return {}
+    emptied = [{**r, **{f: "" for f in blank}} for r in records]
+    return dict(contrast=spec.contrast, plausibility=spec.plausibility, contrast_sources=render(emptied))
+
+
 def _generate(ctx: Context, t, text: bool = True):
     """Decode ``t``'s prompts on the split: the text settings of ``ctx.cfg`` for text, greedy otherwise."""
     records = _records(ctx.prepared, ctx.table, ctx.cfg.split, ctx.cfg.max_cases, ctx.cfg.seed)
@@ -337,10 +368,14 @@ def _generate(ctx: Context, t, text: bool = True):
     sources, golds = [s for s, _ in rendered], [g for _, g in rendered]
     settings = dict(num_beams=ctx.cfg.text_beams, no_repeat_ngram_size=ctx.cfg.text_no_repeat_ngram,
                     repetition_penalty=ctx.cfg.text_repetition_penalty) if text else {}
-    if text and ctx.cfg.text_contrast and len(sources) > 1:
+    spec = text_decoding_of(t.family, ctx.templates, ctx.cfg) if text else DecodingSpec()
+    if spec.contrast and spec.without:
+        settings.update(text_contrast(spec, t, records, lambda rs: [s for s, _ in _render(t, rs, ctx.prepared,
+                                                                                        ctx.render_config)]))
+    elif spec.contrast and len(sources) > 1:  # no field to leave out: another case's prompt
         other = decoding.derangement(len(sources), ctx.cfg.seed)
-        settings.update(contrast=ctx.cfg.text_contrast, contrast_sources=[sources[i] for i in other],
-                        plausibility=ctx.cfg.text_plausibility)
+        settings.update(contrast=spec.contrast, contrast_sources=[sources[i] for i in other],
+                        plausibility=spec.plausibility)
     outputs = decoding.generate_text(ctx.model, ctx.tokenizer, sources, max_new_tokens=ctx.cfg.max_new_tokens,
                                      **settings, **ctx.common)
     examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
@@ -851,7 +886,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "decoding": {"num_beams": cfg.num_beams, "text_beams": cfg.text_beams, "max_new_tokens": cfg.max_new_tokens,
                      "text_no_repeat_ngram": cfg.text_no_repeat_ngram,
                      "text_repetition_penalty": cfg.text_repetition_penalty,
-                     "text_contrast": cfg.text_contrast, "text_plausibility": cfg.text_plausibility,
+                     "text_contrast": {f: asdict(text_decoding_of(f, templates, cfg)) for f in cfg.families
+                                       if text_decoding_of(f, templates, cfg).contrast},
                      "id_form": id_form, "restricted": "prefix trie over the catalogue / saved candidates"},
         "manifest_fingerprint": prepared.manifest.get("fingerprint"),
         "manifest_sha256": hashlib.sha256((Path(prepared.path) / "manifest.json").read_bytes()).hexdigest(),
@@ -1058,7 +1094,7 @@ def _fmt(m: dict) -> str:
 
 
 def add_cli(subparsers) -> None:
-    from p5rec.argtypes import int_at_least
+    from p5rec.argtypes import float_at_least, int_at_least
 
     p = subparsers.add_parser("evaluate", help="score a trained run on the test split, per template and family")
     p.add_argument("--run", required=True, type=Path, help="run directory written by train.py")
@@ -1076,10 +1112,15 @@ def add_cli(subparsers) -> None:
                    help="no n-gram twice in generated text (0: off)")
     p.add_argument("--text-repetition-penalty", type=float, default=EvalConfig.text_repetition_penalty,
                    help="CTRL repetition penalty for generated text (1.0: off)")
-    p.add_argument("--text-contrast", type=float, default=EvalConfig.text_contrast,
-                   help="context-aware decoding of text: weight of the contrast with another case's prompt (0: off)")
-    p.add_argument("--text-plausibility", type=float, default=EvalConfig.text_plausibility,
-                   help="with --text-contrast: keep only tokens within this factor of the best one (0: all)")
+    p.add_argument("--text-contrast", type=float_at_least(0), default=None,
+                   help="context-aware decoding of text, for every family: weight of the contrast (0: off; "
+                        "default: each family's decoding: in its templates.yaml)")
+    p.add_argument("--text-plausibility", type=float, default=None,
+                   help="with contrast: keep only tokens within this factor of the best one (0: all; default: "
+                        "each family's)")
+    p.add_argument("--text-contrast-without", default=None,
+                   help="the fields the contrast prompt leaves empty (comma-separated, e.g. review,feature; '': "
+                        "another case's prompt instead; default: each family's)")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-sasrec", action="store_true", help="skip training SASRec as the sequential baseline")
@@ -1100,6 +1141,8 @@ def _cli(args) -> int:
         text_repetition_penalty=args.text_repetition_penalty,
         text_contrast=args.text_contrast,
         text_plausibility=args.text_plausibility,
+        text_contrast_without=None if args.text_contrast_without is None else tuple(
+            f.strip() for f in args.text_contrast_without.split(",") if f.strip()),
         exclude_history=args.exclude_history,
         baselines=not args.no_baselines,
         sasrec=not args.no_sasrec,

@@ -18,6 +18,12 @@ A family is its folder and nothing in Python (docs/design.md §4). The header, a
       biased MF: {method: biased MF, field: rating}     # methods: p5rec.eval.evaluation.BASELINES
     curve: {protocols: [rating], metric: RMSE}   # learning curve: one template per protocol, this metric
     inference: {rating: "1-1"}                   # P5Rec's default template per role: an id, or [known, new user]
+    decoding: {contrast: 3, without: [review], plausibility: 0.1}  # text: context-aware decoding (below)
+
+``decoding`` sets how the family's generated text is decoded, in evaluation and in ``P5Rec`` alike: each next
+token scored ``(1 + contrast) log p(own prompt) - contrast log p(the prompt without the fields in without)``
+(:class:`p5rec.eval.decoding.PromptContrast`), so words the template alone makes likely gain nothing; a template
+using none of those fields is decoded plainly. Default: no contrast.
 
 Only ``family`` is required; a file that adds templates to a family another file declares repeats ``family``,
 ``data`` and (a subset of) ``schema`` and nothing else. Every other key has a default that leaves the family out
@@ -39,13 +45,13 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["FamilySpec", "ProtocolSpec", "BaselineSpec", "CurveSpec", "ROLES", "SPEC_KEYS", "parse_spec", "shipped_specs",
+__all__ = ["FamilySpec", "ProtocolSpec", "BaselineSpec", "CurveSpec", "DecodingSpec", "ROLES", "SPEC_KEYS", "parse_spec", "shipped_specs",
            "main_families", "tasks_root"]
 
 # The roles P5Rec fills with a family's default templates (p5rec.serve.inference): one family declares each.
 ROLES = ("recommend", "rank", "rank_direct", "rating", "explain", "explain_feature", "summarize", "rate_review")
 # header keys that declare the family (besides family, data, schema, templates)
-SPEC_KEYS = ("task", "order", "train", "renders", "protocols", "baselines", "curve", "inference")
+SPEC_KEYS = ("task", "order", "train", "renders", "protocols", "baselines", "curve", "inference", "decoding")
 _LAST = 1_000_000  # order of a family that declares none: after every one that does
 
 
@@ -71,6 +77,16 @@ class CurveSpec:
     metric: str  # the metric put into the Trainer's eval metrics (eval_<family>_<metric>)
 
 
+@dataclass(frozen=True)
+class DecodingSpec:
+    """Context-aware decoding of a family's text: the contrast weight, the fields left empty in the contrast
+    prompt, and the plausibility floor (tokens under that factor of the best one are dropped; 0: none)."""
+
+    contrast: float = 0.0
+    without: tuple[str, ...] = ()
+    plausibility: float = 0.0
+
+
 @dataclass
 class FamilySpec:
     """One family, as its templates.yaml header declares it."""
@@ -88,6 +104,7 @@ class FamilySpec:
     baselines: dict[str, BaselineSpec] = field(default_factory=dict)  # name -> method; undeclared: method = name
     curve: CurveSpec | None = None
     inference: dict[str, tuple[str, str]] = field(default_factory=dict)  # role -> (known user, new user)
+    decoding: DecodingSpec = DecodingSpec()
     declared: frozenset[str] = frozenset()  # the SPEC_KEYS this file states
 
     @property
@@ -206,7 +223,35 @@ def parse_spec(data: Mapping[str, Any], file: str, line: int = 1) -> tuple[Famil
             spec.inference[role] = (ids[0], ids[1])
         else:
             bad(where, "a template id, or a list [id for a known user, id for a new user]", ids)
+    if "decoding" in data:
+        spec.decoding = _decoding(data["decoding"], spec.schema, bad, problems)
     return spec, problems
+
+
+def _decoding(d: Any, schema: Mapping[str, str], bad, problems: list[str]) -> DecodingSpec:
+    if not isinstance(d, dict):
+        bad("decoding", "a mapping with contrast, without, plausibility", d)
+        return DecodingSpec()
+    unknown = sorted(set(d) - {"contrast", "without", "plausibility"})
+    if unknown:
+        problems.append(f"decoding: unknown key(s) {', '.join(map(str, unknown))}; expected contrast, without, "
+                        "plausibility")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    contrast, plausibility = d.get("contrast", 0.0), d.get("plausibility", 0.0)
+    if not number(contrast) or contrast < 0:
+        bad("decoding.contrast", "a number >= 0", contrast)
+        contrast = 0.0
+    if not number(plausibility) or not 0 <= plausibility < 1:
+        bad("decoding.plausibility", "a number in [0, 1)", plausibility)
+        plausibility = 0.0
+    without = _names(d.get("without", []), "decoding.without", "a list of the schema's field names", problems)
+    missing = [f for f in without if schema and f not in schema]
+    if missing:
+        problems.append(f"decoding.without: {', '.join(missing)} not in the family's schema "
+                        f"({', '.join(schema)})")
+    if contrast and not without:
+        problems.append("decoding.without: expected the fields the contrast prompt leaves empty (contrast > 0)")
+    return DecodingSpec(float(contrast), tuple(without), float(plausibility))
 
 
 def _is_int(v: Any) -> bool:

@@ -326,20 +326,25 @@ class P5Rec:
         return self.rank_batch([{"candidates": list(candidates), "user": user, "history": list(history or []),
                                  "template": template, "user_name": user_name}])[0]
 
-    def _generate(self, role: str, default: str, requests: list[dict], records: list[dict],
+    def _generate(self, role: str, default: str, requests: list[dict], records: list[dict], text: bool = False,
                   **decoding) -> list[str]:
         """Text for each request's record (its ``template``, else ``default``, of the family declaring ``role``),
-        one ``generate`` call per template."""
+        one ``generate`` call per template; ``text``: decoded as the evaluation decodes the family's text (its
+        spec's context-aware decoding included)."""
         from p5rec.eval.decoding import generate_text
+        from p5rec.eval.evaluation import text_contrast, text_decoding_of
 
         out = [""] * len(requests)
         for tid, idx in _by_template(requests, default).items():
             t = self._template(tid, role)
             if "rating" in t.variables - t.target_variables and any(records[i].get("rating") is None for i in idx):
                 raise RequestError(f"template {tid} shows the star rating: pass rating", "rating")
+            recs = [records[i] for i in idx]
+            contrast = text_contrast(text_decoding_of(t.family, self.templates), t, recs,
+                                     lambda rs: self._sources(t, rs)) if text else {}
             with family_route(self.model, t.family):
-                texts = generate_text(self.model, self.tokenizer, self._sources(t, [records[i] for i in idx]),
-                                      max_source_length=self.max_source_length, **decoding)
+                texts = generate_text(self.model, self.tokenizer, self._sources(t, recs),
+                                      max_source_length=self.max_source_length, **decoding, **contrast)
             for i, text in zip(idx, texts):
                 out[i] = text
         return out
@@ -394,7 +399,7 @@ class P5Rec:
             "explain_feature" if r.get("feature") else "explain")) for r in requests]
         records = [{"user": r["user"], "item": r["item"], "feature": r.get("feature") or "", "rating": r.get("rating")}
                    for r in requests]
-        return self._generate("explain", self.default_template("explain"), requests, records,
+        return self._generate("explain", self.default_template("explain"), requests, records, text=True,
                               **_text_decoding(num_beams))
 
     def explain(self, user: str, item: str, feature: str | None = None, rating: float | None = None,
@@ -418,7 +423,7 @@ class P5Rec:
     def summarize_batch(self, requests: list[dict]) -> list[str]:
         """A summary (title) of each ``{"review": ..., "user": ..., "template": ...}``."""
         requests, records = self._review_requests(requests, "summarize")
-        return self._generate("summarize", self.default_template("summarize"), requests, records,
+        return self._generate("summarize", self.default_template("summarize"), requests, records, text=True,
                               **_text_decoding())
 
     def summarize(self, review: str, user: str | None = None, template: str | None = None) -> str:
