@@ -147,6 +147,13 @@ def token_logprobs(model, logits: torch.Tensor, tokens: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
+def _cache(cache) -> dict:
+    """The decoder cache as the keyword this transformers' T5 takes it by (``model.CACHE_ARG``)."""
+    from p5rec.train.model import CACHE_ARG
+
+    return {CACHE_ARG: cache}
+
+
 def first_step_logits(model, enc) -> torch.Tensor:
     """Logits of the first decoded token, [batch, vocab] (normalise with :func:`token_logprobs`)."""
     start = torch.full((enc["input_ids"].shape[0], 1), model.config.decoder_start_token_id, device=model.device)
@@ -314,7 +321,7 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int,
     depth = max((len(s) for t in tries for s in t.spell.values()), default=0)
     for step in range(depth):
         out = decoder(input_ids=tokens, encoder_hidden_states=enc_h, encoder_attention_mask=enc_mask,
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **_cache(cache))
         logits = model.lm_head(out.last_hidden_state[:, -1] * scale).float()
         allowed = [tries[r[0]].allowed(r[1]) if r is not None else [] for r in rows]
         lens = np.fromiter((len(a) for a in allowed), dtype=np.int64, count=len(allowed))
@@ -545,7 +552,7 @@ def generate_text(
         # generate() would size its cache by num_layers, the encoder's depth (see trie_beam_search)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                             past_key_values=cache, **extra)
+                             **_cache(cache), **extra)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             results[i] = text.strip()
     return results
@@ -602,7 +609,7 @@ class PromptContrast:
             self.cache.self_attention_cache.reorder_cache(self._parents(input_ids))
             step = input_ids[:, -1:]
         out = self.model.get_decoder()(input_ids=step, encoder_hidden_states=self.hidden,
-                                       encoder_attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+                                       encoder_attention_mask=self.mask, use_cache=True, **_cache(self.cache))
         self.rows = input_ids
         other = torch.log_softmax(self.model.lm_head(out.last_hidden_state[:, -1] * self.scale).float(), dim=-1)
         mixed = torch.sub(own, other).mul_(self.contrast).add_(own)  # (1 + a) own - a other, in place

@@ -8,6 +8,7 @@ Parameter counts above exclude the embedding table, which grows with the vocabul
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from p5rec.prompts.tokenizer import add_id_tokens
 from p5rec.train.routing import family_route  # noqa: F401  (re-exported beside the model it routes)
+
+# The keyword a T5 forward takes its decoder cache by: `cache` since transformers 5.2x (`past_key_values` is
+# deprecated there, removed in 5.40), `past_key_values` before. Every call that hands over a cache uses it.
+CACHE_ARG = "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters else "past_key_values"
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +192,9 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
-                labels=None, use_cache=None, family_ids=None, **kwargs):
+                labels=None, use_cache=None, family_ids=None, cache=None, **kwargs):
+        # the decoder cache under the name this transformers takes (CACHE_ARG), never under both
+        past_key_values = cache if cache is not None else past_key_values
         if family_ids is None:
             return self._forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                  encoder_outputs, past_key_values, inputs_embeds, decoder_inputs_embeds, labels,
@@ -211,8 +218,8 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, use_cache=use_cache, **kwargs)
+                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                use_cache=use_cache, **{CACHE_ARG: past_key_values}, **kwargs)
         kwargs.pop("num_items_in_batch", None)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
