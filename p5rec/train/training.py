@@ -752,18 +752,23 @@ def _wait_for_everyone(targs) -> None:
 
 
 def _leave_process_group(targs) -> None:
-    """After training's last collective: wait for every process, then take the process group down on each.
+    """After training's last collective: wait for every process; each then leaves through :func:`_exit_now`.
 
-    Without this the other processes exit while the main one evaluates, and the gloo group's threads are torn
-    down at interpreter exit; now and then that aborts a process ("terminate called without an active
-    exception"), and the launcher then kills the main process mid-evaluation."""
-    if targs.world_size <= 1:
-        return
-    import torch.distributed as dist
-
+    Left to the interpreter, a process's exit tears the gloo group's threads down; now and then that aborts it
+    ("terminate called without an active exception") and the launcher kills the main process mid-evaluation.
+    ``destroy_process_group`` first does not settle it: it hangs now and then itself (pytorch#75097; seen here
+    once in seven runs of the two-process test, the launch never returning after the run was written)."""
     _wait_for_everyone(targs)
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+
+
+def _exit_now(code: int) -> None:
+    """End a process of a multi-process launch: logs and streams flushed, then ``os._exit``, which skips the
+    interpreter's teardown of the process group (see :func:`_leave_process_group`). Every file of the run is
+    written and closed by then (atomic writes)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _with_family_ids(ds, names: list[str]):
@@ -910,18 +915,21 @@ def main(argv: list[str] | None = None) -> int:
     from p5rec.run import RunError
     from p5rec.prompts.templates import TemplateError
 
+    code = 0
     try:
         run(margs, dargs, targs)
     except (RunError, OutputDirError, FileNotFoundError) as exc:
         # a damaged checkpoint or run file, an --output_dir that must not be written, a path that is not there:
         # one line naming it, not a traceback
         print(f"train: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except TemplateError as exc:  # a --template_files file (or its family header) that does not load
         more = f" (and {len(exc.problems) - 1} more; see `p5rec templates validate`)" if len(exc.problems) > 1 else ""
         print(f"train: {exc.problems[0]}{more}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    if targs.world_size > 1:  # one of several processes: leave without the process group's teardown
+        _exit_now(code)
+    return code
 
 
 def add_cli(subparsers) -> None:
