@@ -250,3 +250,16 @@ def test_summaries_are_decoded_against_the_prompt_without_the_review_in_evaluati
     calls.clear()
     rec.rate_review(r["review"], user=r["user"])
     assert calls and "contrast" not in calls[-1][1]
+
+
+def test_results_markdown_says_how_text_was_decoded():
+    from p5rec.eval.evaluation import _text_decoding_line
+
+    base = {"text_beams": 4, "max_new_tokens": 32, "text_no_repeat_ngram": 3}
+    per_family = {"review": {"contrast": 3.0, "without": ["review"], "plausibility": 0.1}}
+    assert _text_decoding_line({**base, "text_contrast": per_family}) == (
+        "Text: 4 beams, at most 32 tokens, no repeated 3-gram; review decoded against its prompt without review "
+        "(contrast 3, plausibility 0.1).")
+    assert _text_decoding_line({**base, "text_contrast": 0.0}) == "Text: 4 beams, at most 32 tokens, no repeated 3-gram."
+    old = _text_decoding_line({**base, "text_no_repeat_ngram": 0, "text_contrast": 2.0})  # a report of 2026-12-06
+    assert old == "Text: 4 beams, at most 32 tokens; every family decoded against another case's prompt (contrast 2)."

@@ -979,6 +979,22 @@ def degenerate_templates(report: dict) -> list[tuple[str, float]]:
             if "distinct-2" in r["metrics"] and r["metrics"]["distinct-2"] < DEGENERATE_DISTINCT2]
 
 
+def _text_decoding_line(d: dict) -> str:
+    """How the report's text was decoded, in one sentence (reports before per-family contrast hold a number)."""
+    line = (f"Text: {d.get('text_beams', '?')} beams, at most {d.get('max_new_tokens', '?')} tokens"
+            + (f", no repeated {d['text_no_repeat_ngram']}-gram" if d.get("text_no_repeat_ngram") else ""))
+    contrast = d.get("text_contrast")
+    if isinstance(contrast, dict):
+        for fam, c in contrast.items():
+            against = (f"its prompt without {', '.join(c['without'])}" if c.get("without")
+                       else "another case's prompt")
+            line += (f"; {fam} decoded against {against} (contrast {c['contrast']:g}"
+                     + (f", plausibility {c['plausibility']:g}" if c.get("plausibility") else "") + ")")
+    elif contrast:
+        line += f"; every family decoded against another case's prompt (contrast {contrast:g})"
+    return line + "."
+
+
 def results_markdown(report: dict, images: list[tuple[str, str]] = (),
                      specs: dict[str, FamilySpec] | None = None) -> str:
     """The report as Markdown; ``images`` (caption, file name beside the .md) are linked under the title. What
@@ -989,6 +1005,7 @@ def results_markdown(report: dict, images: list[tuple[str, str]] = (),
     lines = [f"# Results on the {report['split']} split", ""]
     lines.append(f"Run: `{report['run']}` — model {report['model']['preset']} "
                  f"({report['model']['parameters'] / 1e6:.2f} M parameters), ids `{report['decoding']['id_form']}`.")
+    lines.append(_text_decoding_line(report["decoding"]))
     for caption, name in images:
         lines += ["", f"![{caption}]({name})"]
     lines += ["", "## Headline: mean over templates, seen and unseen, beside the baseline", "",
