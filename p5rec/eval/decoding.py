@@ -146,7 +146,6 @@ def token_logprobs(model, logits: torch.Tensor, tokens: torch.Tensor) -> torch.T
     return picked - torch.where((tokens >= lo) & (tokens < hi), lse_items, lse)
 
 
-@torch.no_grad()
 def _cache(cache) -> dict:
     """The decoder cache as the keyword this transformers' T5 takes it by (``model.CACHE_ARG``)."""
     from p5rec.train.model import CACHE_ARG
@@ -154,6 +153,7 @@ def _cache(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
+@torch.no_grad()
 def first_step_logits(model, enc) -> torch.Tensor:
     """Logits of the first decoded token, [batch, vocab] (normalise with :func:`token_logprobs`)."""
     start = torch.full((enc["input_ids"].shape[0], 1), model.config.decoder_start_token_id, device=model.device)

@@ -886,8 +886,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "decoding": {"num_beams": cfg.num_beams, "text_beams": cfg.text_beams, "max_new_tokens": cfg.max_new_tokens,
                      "text_no_repeat_ngram": cfg.text_no_repeat_ngram,
                      "text_repetition_penalty": cfg.text_repetition_penalty,
-                     "text_contrast": {f: asdict(text_decoding_of(f, templates, cfg)) for f in cfg.families
-                                       if text_decoding_of(f, templates, cfg).contrast},
+                     "text_contrast": {f: asdict(d) for f in cfg.families
+                                       if (d := text_decoding_of(f, templates, cfg)).contrast},
                      "id_form": id_form, "restricted": "prefix trie over the catalogue / saved candidates"},
         "manifest_fingerprint": prepared.manifest.get("fingerprint"),
         "manifest_sha256": hashlib.sha256((Path(prepared.path) / "manifest.json").read_bytes()).hexdigest(),

@@ -45,8 +45,8 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["FamilySpec", "ProtocolSpec", "BaselineSpec", "CurveSpec", "DecodingSpec", "ROLES", "SPEC_KEYS", "parse_spec", "shipped_specs",
-           "main_families", "tasks_root"]
+__all__ = ["FamilySpec", "ProtocolSpec", "BaselineSpec", "CurveSpec", "DecodingSpec", "ROLES", "SPEC_KEYS",
+           "parse_spec", "shipped_specs", "main_families", "tasks_root"]
 
 # The roles P5Rec fills with a family's default templates (p5rec.serve.inference): one family declares each.
 ROLES = ("recommend", "rank", "rank_direct", "rating", "explain", "explain_feature", "summarize", "rate_review")
@@ -236,12 +236,11 @@ def _decoding(d: Any, schema: Mapping[str, str], bad, problems: list[str]) -> De
     if unknown:
         problems.append(f"decoding: unknown key(s) {', '.join(map(str, unknown))}; expected contrast, without, "
                         "plausibility")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     contrast, plausibility = d.get("contrast", 0.0), d.get("plausibility", 0.0)
-    if not number(contrast) or contrast < 0:
+    if not _is_number(contrast) or contrast < 0:
         bad("decoding.contrast", "a number >= 0", contrast)
         contrast = 0.0
-    if not number(plausibility) or not 0 <= plausibility < 1:
+    if not _is_number(plausibility) or not 0 <= plausibility < 1:
         bad("decoding.plausibility", "a number in [0, 1)", plausibility)
         plausibility = 0.0
     without = _names(d.get("without", []), "decoding.without", "a list of the schema's field names", problems)
@@ -256,6 +255,10 @@ def _decoding(d: Any, schema: Mapping[str, str], bad, problems: list[str]) -> De
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _names(value: Any, where: str, expected: str, problems: list[str]) -> list[str]:

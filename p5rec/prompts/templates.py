@@ -397,7 +397,7 @@ def _parse_file(path: Path, env: jinja2.Environment,
             bad(line, tid, "answer_choices", f"scoring {scoring!r} needs answer_choices")
         weight = entry.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
-            bad(line, tid, "format", f"'weight' must be a positive number (its share among the family's templates "
+            bad(line, tid, "format", "'weight' must be a positive number (its share among the family's templates "
                 "in training; 1 when left out)")
             weight = None
         fields = entry.get("fields") or []
@@ -448,7 +448,8 @@ def _parse_file(path: Path, env: jinja2.Environment,
                 id=tid, name=name, family=fam, seen=bool(seen), scoring=str(scoring),
                 answer_choices=[str(c) for c in choices] if choices else None,
                 fields=[str(f) for f in fields], source=source, target=target, file=fname, line=line,
-                weight=None if weight is None else float(weight), variables=frozenset(variables), target_variables=frozenset(used["target"]),
+                weight=None if weight is None else float(weight), variables=frozenset(variables),
+                target_variables=frozenset(used["target"]),
                 _source=compiled["source"], _target=compiled["target"],
                 _target_var=m.group(1) if (m := _BARE_VAR.match(target)) else None,
             )
