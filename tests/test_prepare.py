@@ -91,6 +91,54 @@ def test_load_prepared(amazon):
     assert all(ds.index.item_text(i) for i in ds.catalogue)
 
 
+def test_no_family_trains_on_a_pair_another_family_tests(amazon, tmp_path):
+    """The default review split is the sequences' leave-one-out: each user's last review is the rating, review and
+    explanation test case and the sequential and direct test target; no training table of any family holds a
+    (user, item) pair that a valid or test table holds. P5's ratio split, kept as an option, does not."""
+    src, out = amazon
+
+    def pairs(ds, split):
+        tables = {"sequential": ("user", "target"), "direct": ("user", "target"), "review": ("user", "item"),
+                  "explanation": ("user", "item")}
+        return {fam: set(zip(ds.family(fam)[split][u], ds.family(fam)[split][i])) for fam, (u, i) in tables.items()}
+
+    def leaks(ds):
+        trained = set().union(*pairs(ds, "train").values())
+        return {fam: held & trained for split in ("valid", "test") for fam, held in pairs(ds, split).items()
+                if held & trained}
+
+    ds = load_prepared(out)
+    assert ds.manifest["params"]["review_split"] == "leave-one-out"
+    assert leaks(ds) == {}
+    held = pairs(ds, "test")
+    assert held["review"] == held["sequential"] and held["explanation"] <= held["sequential"]
+    assert ds.manifest["families"]["rating"]["splits"] == {"train": 6 * 3, "valid": 6, "test": 6}
+    ratio = load_prepared(prepare(src, tmp_path / "ratio", k=2, n_negatives=2, seed=3, review_split="ratio"))
+    assert leaks(ratio)  # P5's split: the rating table trains on pairs the sequences test
+    with pytest.raises(ValueError, match="unknown review split 'random'"):
+        prepare(src, tmp_path / "bad", k=2, review_split="random")
+
+
+def test_a_run_on_a_prepared_dir_records_the_split_it_was_prepared_with(amazon, tmp_path):
+    from p5rec.train.training import DataArguments, prepare_data
+
+    src, out = amazon
+    ratio = prepare(src, tmp_path / "ratio", k=2, n_negatives=2, seed=3, review_split="ratio")
+    for prepared_dir, split in ((out, "leave-one-out"), (ratio, "ratio")):
+        dargs = DataArguments(prepared_dir=str(prepared_dir))  # --review_split left at its default
+        assert prepare_data(dargs, seed=3).path == prepared_dir and dargs.review_split == split
+
+
+def test_a_ratio_split_keeps_the_fingerprint_of_preparations_before_the_choice(amazon, tmp_path):
+    from p5rec.data.prepare import fingerprint, review_split_of
+
+    src, _ = amazon
+    manifest = json.loads((prepare(src, tmp_path / "r", k=2, n_negatives=2, seed=3, review_split="ratio")
+                           / "manifest.json").read_text())
+    older = {**manifest, "params": {k: v for k, v in manifest["params"].items() if k != "review_split"}}
+    assert fingerprint(older) == manifest["fingerprint"] and review_split_of(older) == "ratio"
+
+
 def test_same_input_same_manifest(amazon, tmp_path):
     src, out = amazon
     again = prepare(src, tmp_path / "again", k=2, n_negatives=2, seed=3)
@@ -121,6 +169,11 @@ def test_cli_prepare_stats_and_errors(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "6 users, 8 items, 30 interactions" in out and "explanation" in out
+    assert "reviews      split by leave-one-out, as the sequences" in out
+    assert main(["data", "prepare", "--path", str(src), "--out", str(tmp_path / "p5"), "--k", "2",
+                 "--n-negatives", "2", "--review-split", "ratio"]) == 0
+    assert main(["data", "stats", str(tmp_path / "p5")]) == 0
+    assert "split 8:1:1 at random (P5's)" in capsys.readouterr().out
     assert main(["data", "prepare", "--path", str(tmp_path / "missing.json.gz"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.json.gz" in err and "Traceback" not in err

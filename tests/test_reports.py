@@ -50,6 +50,7 @@ def test_model_card_metadata_and_body_come_from_the_run(tiny_run):
     index = json.loads((tiny_run / "index.json").read_text())
     assert "P5Rec.from_pretrained" in body and next(iter(index["items"])) in body
     assert f"{len(index['items'])} items" in body and "`random` strategy" in body
+    assert "leave-one-out over the reviews too (rating, text)" in body  # the split the run was trained on
     assert "## Limitations" in body and "](results.png)" in body and "](learning_curve.png)" in body
     seq_row = next(r for r in results["headline"] if (r["family"], r["protocol"]) == ("sequential", "full ranking"))
     assert f"| sequential | full ranking | NDCG@10 | {seq_row['seen']:.4f} |" in body

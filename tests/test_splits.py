@@ -1,4 +1,4 @@
-"""splits: leave-one-out tables, ratio split coverage, negatives (hand-built data)."""
+"""splits: leave-one-out tables and rows, ratio split coverage, negatives (hand-built data)."""
 
 import time
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from p5rec.data.splits import leave_one_out, make_candidates, ratio_split, sample_negatives
+from p5rec.data.splits import leave_one_out, leave_one_out_rows, make_candidates, ratio_split, sample_negatives
 
 
 def test_leave_one_out_tables():
@@ -21,6 +21,22 @@ def test_leave_one_out_tables():
     assert list(loo.test["history"][0]) == list("abcd") and loo.test["target"][0] == "e"
     assert loo.valid["user"].tolist() == loo.test["user"].tolist() == ["u1"]
     assert loo.training_sequences() == {"u1": list("abc"), "u2": ["x", "y"]}
+
+
+def test_leave_one_out_rows_split_the_rows_as_the_sequences():
+    rng = np.random.default_rng(1)
+    users = [f"u{i}" for i in rng.integers(0, 40, 300)]
+    df = pd.DataFrame({"user": users, "item": [f"i{j}" for j in range(300)]})  # frame order is time order
+    split = leave_one_out_rows(df)
+    loo = leave_one_out(df)
+    for s in ("valid", "test"):  # each user's row of a split is that user's target of the same split
+        rows = df[split == s]
+        assert sorted(zip(rows["user"], rows["item"])) == sorted(zip(getattr(loo, s)["user"], getattr(loo, s)["target"]))
+    train = df[split == "train"]
+    assert {u: train["item"][train["user"] == u].tolist() for u in loo.sequences} == loo.training_sequences()
+    short = df[df["user"].map(df["user"].value_counts()) < 3]
+    assert (split[short.index] == "train").all()
+    assert leave_one_out_rows(df.iloc[:0]).tolist() == []
 
 
 def test_ratio_split_every_user_and_item_in_train():

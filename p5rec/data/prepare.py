@@ -3,7 +3,8 @@
 ``prepare`` is the data pipeline, one function per step, each returning its table(s) and counts and logging one line:
 
     _read (resolve, read, checksum the sources) -> _clean (deduplicate, k-core, time order)
-    -> _split (leave-one-out for sequential + direct; one 8:1:1 ratio split for reviews + explanation)
+    -> _split (leave-one-out for sequential + direct; for reviews + explanation the same leave-one-out over the
+       rows, or P5's 8:1:1 ratio split)
     -> _fit_index (on the training part) -> _sequential_table, _direct_table (negatives + shuffled candidates, saved),
        _review_table (rating + review), _explanation_table
     -> _manifest + _write (tables, index.json, manifest.json into a hidden sibling, renamed into place at the end)
@@ -56,6 +57,10 @@ FAMILY_DIRS = {
     "explanation": "explanation",
 }
 RATIOS = (0.8, 0.1, 0.1)
+# how the rows of the rating, review and explanation tables are split: "leave-one-out" as the sequences are (a
+# user's last review is test, so no family trains on another's test pair), or "ratio", P5's random 8:1:1 split
+# (most sequential test targets are then training reviews: a cross-family leak, kept to reproduce P5)
+REVIEW_SPLITS = ("leave-one-out", "ratio")
 
 _S = datasets.Value("string")
 _LS = datasets.List(datasets.Value("string"))
@@ -214,6 +219,7 @@ def prepare(
     explainer: str = "feature-opinion",
     overwrite: bool = False,
     delimiter: str | None = None,
+    review_split: str = "leave-one-out",
 ) -> Path:
     """Prepare ``dataset`` (a registered name, or a file/directory path) into ``out`` (design.md §2).
 
@@ -223,12 +229,15 @@ def prepare(
     an error or a kill at any point leaves ``out`` as it was (at worst a ``.<out>.<hex>.tmp`` sibling remains).
 
     ``fmt``: reader name (guessed from file names if None). ``k``: k-core threshold. ``index``: id strategy
-    (``random``, ``sequential``, ``collaborative``). ``seed`` drives the index, the ratio split, the negatives and
-    the candidate shuffles. Raises ``DataFormatError`` (bad input), ``PreprocessError`` (nothing left after a
-    step), ``FileNotFoundError``. Returns ``out``.
+    (``random``, ``sequential``, ``collaborative``). ``review_split``: how the review rows are split
+    (:data:`REVIEW_SPLITS`). ``seed`` drives the index, the ratio split, the negatives and the candidate shuffles.
+    Raises ``DataFormatError`` (bad input), ``PreprocessError`` (nothing left after a step), ``FileNotFoundError``.
+    Returns ``out``.
     """
     if index not in STRATEGIES:
         raise ValueError(f"unknown index strategy {index!r}; expected one of {STRATEGIES}")
+    if review_split not in REVIEW_SPLITS:
+        raise ValueError(f"unknown review split {review_split!r}; expected one of {REVIEW_SPLITS}")
     explain.EXTRACTORS.get(explainer)  # fail before reading, not after
     out = Path(out)
     check_out(out, overwrite)  # before minutes of work, not after
@@ -238,7 +247,7 @@ def prepare(
     raw = _read(dataset, fmt, on_error=on_error, columns=columns, delimiter=delimiter, clock=clock)
     cleaned = _clean(raw.result.interactions, k, clock)
     df = cleaned.df
-    split = _split(df, cleaned.skipped, seed, clock)
+    split = _split(df, cleaned.skipped, review_split, seed, clock)
     idx = _fit_index(df, split.loo, index, seed, clock)
     tables = {"sequential": _sequential_table(split.loo, clock),
               "direct": _direct_table(df, split.loo, n_negatives, seed, clock)}
@@ -248,7 +257,9 @@ def prepare(
     if "explanation" not in cleaned.skipped:
         tables["explanation"], explanation = _explanation_table(df, split.reviews, explainer, clock)
     params = {"k": k, "index": index, "seed": seed, "n_negatives": n_negatives, "on_error": on_error,
-              "columns": columns, "delimiter": delimiter, "explainer": explainer, "ratios": list(RATIOS)}
+              "columns": columns, "delimiter": delimiter, "explainer": explainer, "review_split": review_split}
+    if review_split == "ratio":
+        params["ratios"] = list(RATIOS)
     manifest = _write(out, _manifest(raw, params, cleaned, split, idx, tables, explanation), df, raw.result.items,
                       tables, idx, overwrite=overwrite, clock=clock)
     logger.info("prepared %s in %.1fs: %s", raw.name, manifest["timings"]["total"],
@@ -332,20 +343,26 @@ class _Splits:
     """What :func:`_split` returns."""
 
     loo: splits.LeaveOneOut  # leave-one-out over each user's sequence: sequential and direct
-    reviews: np.ndarray | None  # the 8:1:1 split of each cleaned row (rating, review, explanation); None: all skipped
-    moved: int  # rows the ratio split moved to train so every user and item is in train
+    reviews: np.ndarray | None  # the split of each cleaned row (rating, review, explanation); None: all skipped
+    moved: int  # rows the ratio split moved to train so every user and item is in train (0 for leave-one-out)
 
 
-def _split(df: pd.DataFrame, skipped: dict[str, str], seed: int, clock: _Clock) -> _Splits:
-    """Step 3, split: leave-one-out over the sequences; one 8:1:1 ratio split over the reviews, which the rating,
-    review and explanation tables share (none is split when the data has neither ratings nor review text)."""
+def _split(df: pd.DataFrame, skipped: dict[str, str], review_split: str, seed: int, clock: _Clock) -> _Splits:
+    """Step 3, split: leave-one-out over the sequences; one split of the reviews, which the rating, review and
+    explanation tables share (none when the data has neither ratings nor review text): the same leave-one-out over
+    the rows (``review_split="leave-one-out"``), or P5's random 8:1:1 (``"ratio"``)."""
     loo = splits.leave_one_out(df)
     clock.step("leave_one_out", "%d/%d/%d sequential rows, %d users with < 3 interactions", len(loo.train),
                len(loo.valid), len(loo.test), loo.short_users)
     if "rating" in skipped and "review" in skipped:
         return _Splits(loo, None, 0)
+    if review_split == "leave-one-out":
+        split_of = splits.leave_one_out_rows(df)
+        clock.step("review_split", "reviews %s by leave-one-out, as the sequences",
+                   {s: int((split_of == s).sum()) for s in splits.SPLITS})
+        return _Splits(loo, split_of, 0)
     split_of, moved = splits.ratio_split(df, RATIOS, seed=seed)
-    clock.step("ratio_split", "reviews %s, %d rows moved to train so every user/item is in train",
+    clock.step("review_split", "reviews %s by ratio, %d rows moved to train so every user/item is in train",
                {s: int((split_of == s).sum()) for s in splits.SPLITS}, moved)
     return _Splits(loo, split_of, moved)
 
@@ -394,7 +411,7 @@ def _direct_table(df: pd.DataFrame, loo: splits.LeaveOneOut, n_negatives: int, s
 
 
 def _review_table(df: pd.DataFrame, split_of: np.ndarray, clock: _Clock) -> datasets.DatasetDict:
-    """Step 5c, the reviews table (rating and review families): each cleaned row in its ratio split."""
+    """Step 5c, the reviews table (rating and review families): each cleaned row in its split."""
     reviews = df[["user", "item", "rating", "review", "summary", "user_name", "timestamp"]]
     table = datasets.DatasetDict({s: _from_pandas(reviews[split_of == s], REVIEW_FEATURES) for s in splits.SPLITS})
     clock.step("reviews", "rows %s", _rows(table))
@@ -404,7 +421,7 @@ def _review_table(df: pd.DataFrame, split_of: np.ndarray, clock: _Clock) -> data
 def _explanation_table(df: pd.DataFrame, split_of: np.ndarray, explainer: str,
                        clock: _Clock) -> tuple[datasets.DatasetDict, dict]:
     """Step 5d, the explanation table: a (feature, explanation) pair extracted from each review that has one, in
-    the review's ratio split; and ``manifest["explanation"]`` (extractor, features, rows explained, coverage)."""
+    the review's split; and ``manifest["explanation"]`` (extractor, features, rows explained, coverage)."""
     texts = df["review"].tolist()
     extractor = explain.EXTRACTORS.get(explainer)().fit(texts)
     pairs = [extractor.extract_one(t) for t in tqdm(texts, desc="explanations", disable=None, mininterval=2)]
@@ -500,15 +517,23 @@ def fingerprint(manifest: dict) -> str:
     dataset's name, the source *paths* (the source checksums stay) and the ``kind`` marker, so the same file
     prepared by name or by path, from any directory, by this version or one before the marker, compares equal.
     Entries added later that change nothing prepared stay out too, so earlier preparations keep their fingerprint:
-    ``counts.before`` (derived from the source, whose checksums are in) and ``params.delimiter`` when unset."""
+    ``counts.before`` (derived from the source, whose checksums are in), ``params.delimiter`` when unset and
+    ``params.review_split`` when it is ``"ratio"`` (the only split before it)."""
     content = {key: v for key, v in manifest.items()
                if key not in ("timings", "fingerprint", "source", "dataset", "kind")}
     if "before" in content.get("counts", {}):
         content["counts"] = {k: v for k, v in content["counts"].items() if k != "before"}
-    if "params" in content and content["params"].get("delimiter", "unset") is None:
-        content["params"] = {k: v for k, v in content["params"].items() if k != "delimiter"}
+    if "params" in content:
+        params = content["params"]
+        content["params"] = {k: v for k, v in params.items()
+                             if not (k == "delimiter" and v is None) and not (k == "review_split" and v == "ratio")}
     content["source_sha256"] = [s["sha256"] for s in manifest.get("source", [])]
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def review_split_of(manifest: dict) -> str:
+    """How a preparation split its reviews (:data:`REVIEW_SPLITS`); ``"ratio"`` for one written before the choice."""
+    return manifest.get("params", {}).get("review_split", "ratio")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -685,7 +710,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     try:
         prepare(dataset, out, fmt=args.format, k=args.k, index=args.index, seed=args.seed,
                 n_negatives=args.n_negatives, on_error=args.on_error, columns=args.columns,
-                explainer=args.explainer, overwrite=args.overwrite, delimiter=args.delimiter)
+                explainer=args.explainer, overwrite=args.overwrite, delimiter=args.delimiter,
+                review_split=args.review_split)
     except _errors() as exc:
         return _fail(exc)
     print(out)
@@ -716,7 +742,11 @@ def summary(manifest: dict) -> str:
     for fam, why in manifest.get("skipped", {}).items():
         lines.append(f"  {fam:<12} skipped: {why}")
     if "reviews" in {v["dir"] for v in manifest["families"].values()}:
-        lines.append(f"moved        {c['moved_to_train']} reviews moved to train (every user/item in train)")
+        if review_split_of(manifest) == "ratio":
+            lines.append(f"reviews      split 8:1:1 at random (P5's); {c['moved_to_train']} moved to train (every "
+                         "user/item in train)")
+        else:
+            lines.append("reviews      split by leave-one-out, as the sequences (a user's last review is test)")
     if manifest.get("explanation"):
         e = manifest["explanation"]
         lines.append(f"explanation  {e['extractor']}: coverage {e['coverage']:.1%}, {e['features']} features")
@@ -768,6 +798,10 @@ def add_cli(subparsers) -> None:
                    help="replace an earlier `p5rec data prepare` output at --out (never any other directory)")
     p.add_argument("--k", type=int_at_least(0), default=5, help="k-core threshold (default 5; 0 or 1: no filter)")
     p.add_argument("--index", choices=STRATEGIES, default="random", help="item/user id strategy")
+    p.add_argument("--review-split", choices=REVIEW_SPLITS, default="leave-one-out",
+                   help="how rating, review and explanation rows are split: leave-one-out as the sequences (a "
+                        "user's last review is test; no family trains on another's test pair), or ratio, P5's "
+                        "random 8:1:1 (most sequential test targets are then training reviews)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--n-negatives", type=int_at_least(1), default=99,
                    help="negatives per user for the direct family")

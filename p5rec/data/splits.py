@@ -2,8 +2,11 @@
 
 * :func:`leave_one_out` - per-user time-ordered sequences; the last item is test, the second-last validation
   (the protocol of SASRec/BERT4Rec/P5 on the Amazon sequences).
-* :func:`ratio_split` - a random 8:1:1 split of reviews (rating / review / explanation families) in which every
-  user and item of valid/test also occurs in train.
+* :func:`leave_one_out_rows` - the same leave-one-out applied to the rows themselves (rating / review / explanation
+  families, the default): a user's last review is test and second-last validation, so no family trains on a
+  (user, item) pair that another family tests.
+* :func:`ratio_split` - P5's random 8:1:1 split of reviews, in which every user and item of valid/test also occurs
+  in train (drawn apart from the leave-one-out: most sequential test targets are then training reviews).
 * :func:`sample_negatives` / :func:`make_candidates` - 99 never-touched items per user for the direct
   (candidate-ranking) family.
 
@@ -88,6 +91,24 @@ def leave_one_out(df: pd.DataFrame) -> LeaveOneOut:
                              "target": pd.Series(t, dtype=object)})
 
     return LeaveOneOut(sequences, frame(tr_u, tr_h, tr_t), frame(va_u, va_h, va_t), frame(te_u, te_h, te_t), short)
+
+
+def leave_one_out_rows(df: pd.DataFrame) -> np.ndarray:
+    """Each row's split under :func:`leave_one_out` of its user's sequence, for the tables of rows (reviews,
+    explanations): a user's last row is ``"test"``, the second-last ``"valid"``, the rest ``"train"``; every row of
+    a user with fewer than three is ``"train"``. Rows are read in the frame's order within each user, as
+    :func:`sequences_from` reads them (call on a time-ordered frame), so the test review of a user is exactly the
+    user's sequential test target and the training reviews are exactly the training part of the sequence.
+
+    Returns an object array of ``"train"|"valid"|"test"`` aligned with ``df``'s rows.
+    """
+    if not len(df):
+        return np.asarray([], dtype=object)
+    users = df["user"].to_numpy(dtype=object)
+    from_end = pd.Series(users).groupby(users, sort=False).cumcount(ascending=False).to_numpy()
+    size = pd.Series(users).map(pd.Series(users).value_counts()).to_numpy()
+    code = np.where(size < 3, 0, np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0)))
+    return np.asarray(SPLITS, dtype=object)[code]
 
 
 # ----------------------------------------------------------------------------------------------- ratio split

@@ -197,12 +197,16 @@ def model_card(run_dir: str | Path) -> str:
               "(trie-restricted decoding)."]
 
     parts += ["", "## Training", "", "| setting | value |", "|---|---|"]
+    from p5rec.data.prepare import review_split_of
+
     prepared = (manifest or {}).get("counts", {}).get("after", {})
+    reviews = {"leave-one-out": "leave-one-out over the reviews too (rating, text)",
+               "ratio": "8:1:1 at random (rating, text; P5's)"}.get(review_split_of(manifest) if manifest else "",
+                                                                  "reviews split as the preparation did (rating, text)")
     rows = [
         ("data", f"{dataset} ({(manifest or {}).get('format', data.get('data_format') or '?')}), "
                  f"{data['k_core']}-core: {prepared.get('users', '?')} users, {prepared.get('items', '?')} items, "
-                 f"{prepared.get('interactions', '?')} interactions; leave-one-out (sequential, direct), 8:1:1 "
-                 "(rating, text)"),
+                 f"{prepared.get('interactions', '?')} interactions; leave-one-out (sequential, direct), {reviews}"),
         ("families and renders", f"{data['families']}; {data['renders']}"),
         ("templates trained", ", ".join(templates) or "–"),
         ("model", f"T5 `{model['preset']}`" + "".join(f", {k} {model[k]}" for k in (

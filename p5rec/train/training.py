@@ -191,6 +191,13 @@ class DataArguments:
         default=None, metadata={"help": "an existing `p5rec data prepare` output; skips preparation"}
     )
     index: str = field(default="random", metadata={"help": "item id strategy: random, sequential, collaborative"})
+    review_split: str = field(
+        default="leave-one-out",
+        metadata={"help": "how rating, review and explanation rows are split: leave-one-out as the sequences (a "
+                  "user's last review is test; no family trains on another's test pair), or ratio, P5's random "
+                  "8:1:1 (most sequential test targets are then training reviews)",
+                  "choices": ["leave-one-out", "ratio"]},
+    )
     k_core: int = field(default=5, metadata={"help": "iterative k-core filter"})
     families: str = field(  # the main job's families: `train: true` in tasks/<family>/templates.yaml
         default=",".join(main_families()), metadata={"help": "comma-separated task families"}
@@ -398,16 +405,23 @@ def resolve_id_init(margs: ModelArguments, prepared, model_name_or_path: str | N
 def prepare_data(dargs: DataArguments, seed: int):
     """Prepare (or reuse a cached preparation of) the dataset; return the PreparedDataset."""
     from p5rec.prompts.mixture import default_cache_dir
-    from p5rec.data.prepare import load_prepared, prepare
+    from p5rec.data.prepare import load_prepared, prepare, review_split_of
 
     if dargs.prepared_dir:
-        return load_prepared(Path(dargs.prepared_dir))
+        prepared = load_prepared(Path(dargs.prepared_dir))
+        split = review_split_of(prepared.manifest)
+        if split != dargs.review_split:  # the preparation decides; the run's config says what it used
+            logger.info("--prepared_dir %s splits its reviews by %s; --review_split %s does not apply",
+                        dargs.prepared_dir, split, dargs.review_split)
+            dargs.review_split = split
+        return prepared
     cache = Path(dargs.cache_dir) if dargs.cache_dir else default_cache_dir()
     name = Path(dargs.dataset).name.replace(".", "_")
-    out = cache / "prepared" / f"{name}-{dargs.index}-k{dargs.k_core}-seed{seed}"
+    out = cache / "prepared" / f"{name}-{dargs.index}-k{dargs.k_core}-seed{seed}-{dargs.review_split}"
     if not (out / "manifest.json").exists():
         try:
-            prepare(dargs.dataset, out, fmt=dargs.data_format, k=dargs.k_core, index=dargs.index, seed=seed)
+            prepare(dargs.dataset, out, fmt=dargs.data_format, k=dargs.k_core, index=dargs.index, seed=seed,
+                    review_split=dargs.review_split)
         except FileExistsError:
             if not (out / "manifest.json").exists():
                 raise
