@@ -104,9 +104,9 @@ def leave_one_out_rows(df: pd.DataFrame) -> np.ndarray:
     """
     if not len(df):
         return np.asarray([], dtype=object)
-    users = df["user"].to_numpy(dtype=object)
-    from_end = pd.Series(users).groupby(users, sort=False).cumcount(ascending=False).to_numpy()
-    size = pd.Series(users).map(pd.Series(users).value_counts()).to_numpy()
+    users = df["user"].reset_index(drop=True)
+    groups = users.groupby(users, sort=False)
+    from_end, size = groups.cumcount(ascending=False).to_numpy(), groups.transform("size").to_numpy()
     code = np.where(size < 3, 0, np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0)))
     return np.asarray(SPLITS, dtype=object)[code]
 
