@@ -291,7 +291,7 @@ def test_model_example_reduction_differs_from_stock_t5_only_in_the_weights():
     from p5rec.train.model import P5T5ForConditionalGeneration, t5_config
 
     torch.manual_seed(0)
-    model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 40)).eval()  # eval: stock T5 returns its logits
     enc = torch.tensor([[5, 6, 1], [7, 1, 0]])
     labels = torch.tensor([[20, 21, 22], [25, 1, -100]])
     stock = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels)
@@ -325,11 +325,37 @@ def test_family_loss_weights_scale_each_rows_terms():
     assert torch.allclose(got, (0.0 + 2.0 * nll[1].sum() / 2) / 2)
 
 
+def test_training_loss_is_stock_t5s_from_the_labelled_positions_alone():
+    """In training, logits are computed at labelled positions only (no logits come back): the loss and every
+    gradient are stock T5's, which computes them at every position of the padded batch."""
+    from p5rec.train.model import P5T5ForConditionalGeneration, t5_config
+
+    torch.manual_seed(0)
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 48))
+    enc = torch.tensor([[5, 6, 7, 1], [8, 1, 0, 0], [9, 10, 1, 0]])
+    labels = torch.tensor([[20, 21, 22, 23], [25, 1, -100, -100], [30, -100, -100, -100]])
+    fast = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels)
+    assert fast.logits is None
+    fast.loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    stock = super(P5T5ForConditionalGeneration, model).forward(
+        input_ids=enc, attention_mask=(enc > 0).long(), labels=labels)
+    assert stock.logits.shape == (3, 4, 48)
+    stock.loss.backward()
+    assert torch.allclose(fast.loss, stock.loss, atol=1e-6)
+    assert fast_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in fast_grads.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
+    model.eval()  # outside training: stock T5, logits and all
+    assert model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels).logits.shape == (3, 4, 48)
+
+
 def test_model_weights_rows_by_their_family_ids_and_only_in_training_batches():
     from p5rec.train.model import P5T5ForConditionalGeneration, t5_config
 
     torch.manual_seed(0)
-    model = P5T5ForConditionalGeneration(t5_config("tiny", 40))
+    model = P5T5ForConditionalGeneration(t5_config("tiny", 40)).eval()  # eval: stock T5 returns its logits
     enc = torch.tensor([[5, 6, 1], [7, 1, 0]])
     labels = torch.tensor([[20, 21, 1], [25, 1, -100]])
     stock = model(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels)

@@ -95,3 +95,19 @@ def test_a_corpus_of_many_words_still_trains_sentencepiece():
             for j in range(0, 3000, 3)]
     vocab = train_sentencepiece(many, vocab_size=300)
     assert len(vocab) <= 300  # the trained model, not one piece per word (there are 3,000 words)
+
+
+def test_the_whole_word_vocabulary_is_taken_exactly_when_it_fits():
+    """word_vocabulary stops counting once the words alone cannot fit: never earlier than the full count would
+    say so (pad/eos/unk, the words, each character alone and after ▁, ▁ itself)."""
+    from p5rec.prompts.tokenizer import word_vocabulary
+
+    words = [f"w{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(200)]  # 200 words over 27 characters
+    corpus = [" ".join(words[j : j + 5]) for j in range(0, 200, 5)]
+    chars = set("".join(words)) | set("0123456789")
+    fits = 3 + len(words) + 2 * len(chars) + 1
+    vocab = word_vocabulary(corpus, fits)
+    assert vocab is not None and len(vocab) == fits
+    assert {"\u2581" + w for w in words} <= {p for p, _ in vocab}
+    assert word_vocabulary(corpus, fits - 1) is None
+    assert word_vocabulary(corpus * 50, len(words)) is None  # more words than fit: given up early

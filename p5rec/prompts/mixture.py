@@ -218,10 +218,17 @@ def _tokenizer_hash(tokenizer) -> str:
 
 def _corpus(prepared, train: Dataset) -> list[str]:
     """Tokenizer corpus: unique rendered sources/targets (the prompt words) plus the raw review texts."""
-    lines = list(dict.fromkeys(train["source"]))[:200_000] + list(dict.fromkeys(train["target"]))[:200_000]
+    lines = (list(dict.fromkeys(column(train, "source")))[:200_000]
+             + list(dict.fromkeys(column(train, "target")))[:200_000])
     if "review" in prepared.interactions.column_names:
         lines += [t for t in prepared.interactions["review"][:100_000] if t]
     return lines
+
+
+def column(ds: Dataset, name: str) -> list:
+    """A column as a list, read in one query (``ds[name]`` reads it row by row: 1.2 s for the main job's
+    105k training rows, against 0.02 s)."""
+    return ds.select_columns([name])[:][name]
 
 
 def _per_family_sample(ds: Dataset, n: int, seed: int) -> Dataset:

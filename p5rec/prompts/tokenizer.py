@@ -95,10 +95,16 @@ def word_vocabulary(corpus: Sequence[str], vocab_size: int) -> list[tuple[str, f
     from collections import Counter
 
     counts: Counter = Counter()
+    words = 0  # pieces of more than one character: always pieces of the vocabulary, so more than fit ends it
     for line in corpus:
         for word in line.split():
-            parts = re.split(r"\d+", word)
-            counts.update(("\u2581" if i == 0 else "") + part for i, part in enumerate(parts) if part)
+            for i, part in enumerate(re.split(r"\d+", word)):
+                if part:
+                    piece = ("\u2581" if i == 0 else "") + part
+                    words += len(piece) > 1 and piece not in counts
+                    counts[piece] += 1
+        if 3 + words + 1 > vocab_size:  # (the full check below also counts the characters)
+            return None
     chars = sorted({ch for line in corpus for ch in line if not ch.isspace()} | set("0123456789"))
     pieces = [p for p in counts if len(p) > 1 or p not in chars]
     if 3 + len(pieces) + 2 * len(chars) + 1 > vocab_size:

@@ -90,9 +90,11 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
     With ``config.item_token_range = [lo, hi)`` (the added item tokens), a position whose label is an item token
     is scored by a softmax over the item tokens only, and every other labelled position (EOS, words) by the full
     vocabulary. Where the answer is an item, user and word tokens only cost time and dilute the gradient
-    (measured in bench/README.md). Logits are computed at labelled positions only, and no ``logits`` are
-    returned with such a loss. Without labels or without the range this is ``T5ForConditionalGeneration``, and
-    a saved run loads in either class.
+    (measured in bench/README.md). Without the range the loss is stock T5's. Either way a training call (or
+    any call with the range, a row weight or the "example" reduction) computes logits at labelled positions
+    only and returns none: length-grouped batches of the main job's mixture pad the targets to 2.1 times their
+    tokens, and the vocabulary projection is much of a step's work (bench/README.md, "Logits at labelled
+    positions only"). Otherwise this is ``T5ForConditionalGeneration``, and a saved run loads in either class.
 
     **The loss's reduction.** With ``config.loss_reduction = "token"`` (stock T5's, the default) the loss is the
     mean over the batch's labelled tokens, so a family's share of the gradient is its share of the label tokens:
@@ -214,7 +216,9 @@ class P5T5ForConditionalGeneration(T5ForConditionalGeneration):
         span = getattr(self.config, "item_token_range", None)
         reduction = getattr(self.config, "loss_reduction", "token")
         row_weights = self._row_loss_weights()
-        if labels is None or (not span and reduction == "token" and row_weights is None):
+        # stock T5 (with logits) where its loss is ours and speed does not matter: labels outside training
+        stock_loss = not span and reduction == "token" and row_weights is None
+        if labels is None or (stock_loss and not self.training):
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
@@ -255,17 +259,18 @@ def item_softmax_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.
         raise ValueError(f"loss reduction {reduction!r}: choose one of {', '.join(LOSS_REDUCTIONS)}")
     mask = labels != -100
     h, y = hidden[mask], labels[mask]
-    nll = h.new_zeros(y.shape, dtype=torch.float32)
-    is_item = torch.zeros_like(y, dtype=torch.bool)
-    if span:
+    if not span:
+        nll = F.cross_entropy((h @ weight.T).float(), y, reduction="none")
+    else:
         lo, hi = int(span[0]), int(span[1])
         is_item = (y >= lo) & (y < hi)
+        nll = h.new_zeros(y.shape, dtype=torch.float32)
         if is_item.any():
             nll = nll.index_put((is_item.nonzero()[:, 0],), F.cross_entropy(
                 (h[is_item] @ weight[lo:hi].T).float(), y[is_item] - lo, reduction="none"))
-    if (~is_item).any():
-        nll = nll.index_put(((~is_item).nonzero()[:, 0],), F.cross_entropy(
-            (h[~is_item] @ weight.T).float(), y[~is_item], reduction="none"))
+        if (~is_item).any():
+            nll = nll.index_put(((~is_item).nonzero()[:, 0],), F.cross_entropy(
+                (h[~is_item] @ weight.T).float(), y[~is_item], reduction="none"))
     rows = mask.nonzero()[:, 0]
     if row_weights is not None:
         nll = nll * row_weights.to(nll.dtype)[rows]

@@ -546,7 +546,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
     from p5rec.eval import modelcard, plots
     from p5rec.train.callbacks import LearningCurveCallback
     from p5rec.eval.evaluation import curve_metrics
-    from p5rec.prompts.mixture import MixtureSpec, build_mixture, id_tokens
+    from p5rec.prompts.mixture import MixtureSpec, build_mixture, column, id_tokens
     from p5rec.train.model import build_model, item_token_range, load_checkpoint_tokenizer, load_pretrained
     from p5rec.train.trainer import FAMILY_MEGA_BATCHES, MEGA_BATCHES, P5Trainer
     from p5rec.prompts.templates import RenderConfig, load_templates
@@ -661,7 +661,7 @@ def run(margs: ModelArguments, dargs: DataArguments, targs) -> Path:
         if span is None:
             raise ValueError("--item_softmax needs one added token per item or id level (--id_form token)")
         model.config.item_token_range = span
-    trained = sorted(set(train["template"]))
+    trained = sorted(set(column(train, "template")))
     if margs.model_name_or_path:
         trained = _after_parent_run(Path(margs.model_name_or_path), prepared, trained, mix_info)
     mix_info["trained_templates"] = trained
