@@ -221,6 +221,22 @@ class Run:
         return None if ids is None else set(ids)
 
     @property
+    def star_calibration(self) -> dict[str, tuple[float, float]]:
+        """template id -> (intercept, slope) of the line its expected star is calibrated with, fitted on
+        validation by the run's last test evaluation (``results.json``); {} before one. A ``results.json`` that
+        does not read is said once in the log and ignored: serving does not need it."""
+        path = self.path / "results.json"
+        if not path.exists():
+            return {}
+        try:
+            templates = read_json(path).get("templates") or {}
+            return {tid: (float(r["calibration"]["intercept"]), float(r["calibration"]["slope"]))
+                    for tid, r in templates.items() if isinstance(r, dict) and r.get("calibration")}
+        except (RunError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            logger.warning("%s: no rating calibration read (%s)", path, _first_line(exc))
+            return {}
+
+    @property
     def fingerprint(self) -> str | None:
         manifest = self.path / "manifest.json"
         return read_json(manifest).get("fingerprint") if manifest.exists() else None

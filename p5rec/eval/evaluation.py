@@ -97,6 +97,9 @@ class TemplateResult:
     seconds: float = 0.0
     examples: list[dict] = field(default_factory=list)
     protocol: str = ""
+    # rating templates scored on test: the line their expected star is calibrated with, fitted on validation
+    # ({"intercept", "slope", "n"}); p5rec predict and /rating apply it (``calibrated``)
+    calibration: dict | None = None
 
 
 def target_kind(template) -> str:
@@ -137,6 +140,7 @@ class Scored:
     n: int
     invalid: int = 0
     examples: list[dict] = field(default_factory=list)
+    calibration: dict | None = None
 
 
 @dataclass
@@ -224,6 +228,7 @@ def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render
         template=template.id, family=template.family, seen=template.seen, scoring=template.scoring,
         kind=target_kind(template), metrics={k: float(v) for k, v in out.metrics.items()}, n=out.n,
         invalid=out.invalid, seconds=round(time.time() - t0, 2), examples=out.examples, protocol=name,
+        calibration=out.calibration,
     )
 
 
@@ -399,14 +404,18 @@ def _rating(ctx: Context, t) -> Scored:
         calibrated = np.empty_like(expected)
         for fit, score in ((half, ~half), (~half, half)):
             calibrated[score] = calibrate_stars(expected[fit], y[fit])(expected[score])
+        line = None
     else:
         records = _records(ctx.prepared, ctx.table, "valid", ctx.cfg.max_cases, ctx.cfg.seed)
         rendered = _render(t, records, ctx.prepared, ctx.render_config)
         fit_y = np.array([float(g) for _, g in rendered])
-        calibrated = calibrate_stars(_expected_stars(ctx, [s for s, _ in rendered]), fit_y)(expected)
+        intercept, slope = calibration_line(_expected_stars(ctx, [s for s, _ in rendered]), fit_y)
+        calibrated = apply_calibration(expected, intercept, slope)
+        line = {"intercept": intercept, "slope": slope, "n": len(fit_y)}
     cal_m = metrics.rating_metrics(calibrated.tolist(), y.tolist(), fallback=fallback)
     result["RMSE_calibrated"], result["MAE_calibrated"] = cal_m["RMSE"], cal_m["MAE"]
-    return Scored(result, len(sources), invalid=int(result.get("invalid", 0)), examples=examples)
+    return Scored(result, len(sources), invalid=int(result.get("invalid", 0)), examples=examples,
+                  calibration=line)
 
 
 def _expected_stars(ctx: Context, sources: list[str]) -> np.ndarray:
@@ -432,13 +441,23 @@ def calibrate_stars(expected: np.ndarray, gold: np.ndarray) -> Callable[[np.ndar
     An overconfident model (ids that memorised their training stars) spreads its expected stars too far; the
     fitted slope below 1 pulls them back towards the mean, as temperature scaling does for probabilities. With no
     pairs the line is the identity."""
+    intercept, slope = calibration_line(expected, gold)
+    return lambda e: apply_calibration(e, intercept, slope)
+
+
+def calibration_line(expected, gold) -> tuple[float, float]:
+    """(intercept, slope) of :func:`calibrate_stars`'s line; (0, 1), the identity, with no pairs."""
     expected, gold = np.asarray(expected, float), np.asarray(gold, float)
     if len(gold) == 0:
-        return lambda e: np.clip(np.asarray(e, float), 1.0, 5.0)
+        return 0.0, 1.0
     var = float(((expected - expected.mean()) ** 2).mean())
     slope = max(0.0, float(((expected - expected.mean()) * (gold - gold.mean())).mean()) / var) if var > 0 else 0.0
-    intercept = float(gold.mean()) - slope * float(expected.mean())
-    return lambda e: np.clip(intercept + slope * np.asarray(e, float), 1.0, 5.0)
+    return float(gold.mean()) - slope * float(expected.mean()), slope
+
+
+def apply_calibration(expected, intercept: float, slope: float) -> np.ndarray:
+    """``intercept + slope * expected``, clipped to the stars [1, 5]."""
+    return np.clip(intercept + slope * np.asarray(expected, float), 1.0, 5.0)
 
 
 @register("text", needs=("records",))

@@ -277,6 +277,9 @@ def _schemas():
         text: str
         expected: float | None = Field(None, description="/rating: the expected star under the model's "
                                        "distribution over 1..5 (lower squared error than the greedy answer)")
+        calibrated: float | None = Field(None, description="/rating: the expected star on the line fitted to the "
+                                         "template's validation cases by the run's test evaluation; null before "
+                                         "one")
         batch_size: int
         latency_ms: float
 

@@ -137,10 +137,12 @@ class P5Rec:
     """A trained p5rec run, ready to answer requests for every task family."""
 
     def __init__(self, model, tokenizer, index, templates, render_config, max_source_length: int = 128,
-                 trained: set[str] | None = None, trie=None):
+                 trained: set[str] | None = None, trie=None, calibration: dict | None = None):
         from p5rec.eval.decoding import ItemTrie
 
         self.model, self.tokenizer, self.index = model, tokenizer, index
+        # template id -> (intercept, slope): each rating template's expected star calibrated on validation
+        self.calibration = dict(calibration or {})
         self.templates, self.render_config = templates, render_config
         self.max_source_length = max_source_length
         self.trained = trained  # template ids of the training mixture (None: unknown, every seen template)
@@ -165,7 +167,7 @@ class P5Rec:
         """Answer requests with a :class:`p5rec.run.Run` already open (``p5rec serve`` keeps the run for its
         metadata and the studio's records)."""
         return cls(run.model, run.tokenizer, run.index, run.templates, run.render_config, run.max_source_length,
-                   run.trained_templates, run.trie)
+                   run.trained_templates, run.trie, run.star_calibration)
 
     # ------------------------------------------------------------------ helpers
     def _check_items(self, items: Sequence[str], where: str = "", field: str | None = None) -> None:
@@ -359,7 +361,9 @@ class P5Rec:
     def predict_rating_batch(self, requests: list[dict]) -> list[dict]:
         """For each ``{"user": ..., "item": ..., "template": ...}``: {"rating": the greedy answer as a float in
         [1, 5] or None, "text": that answer, "expected": the expected star under the model's distribution over
-        "1".."5" (the estimate with the lower squared error; None for a template whose answer is not the star)}."""
+        "1".."5" (the estimate with the lower squared error; None for a template whose answer is not the star),
+        "calibrated": that star on the line fitted to the template's validation cases by the run's test
+        evaluation (``results.json``; None before one, or for a template it did not score)}."""
         for r in requests:
             self._need_user(r["user"])
             self._check_items([r["item"]], field="item")
@@ -367,7 +371,16 @@ class P5Rec:
         default = self.default_template("rating")
         texts = self._generate("rating", default, requests, records, max_new_tokens=6)
         expected = self._expected_stars("rating", default, requests, records)
-        return [dict(self._rating_answer(t), expected=e) for t, e in zip(texts, expected)]
+        return [dict(self._rating_answer(t), expected=e, calibrated=self._calibrated(r.get("template") or default, e))
+                for t, e, r in zip(texts, expected, requests)]
+
+    def _calibrated(self, template: str, expected: float | None) -> float | None:
+        from p5rec.eval.evaluation import apply_calibration
+
+        line = self.calibration.get(template)
+        if line is None or expected is None:
+            return None
+        return round(float(apply_calibration(expected, *line)), 4)
 
     def _expected_stars(self, role: str, default: str, requests: list[dict], records: list[dict]) -> list:
         from p5rec.eval.evaluation import expected_stars
@@ -385,7 +398,8 @@ class P5Rec:
         return out
 
     def predict_rating(self, user: str, item: str, template: str | None = None) -> dict:
-        """{"rating": greedy answer clipped to [1, 5] or None, "text": raw output, "expected": expected star}."""
+        """{"rating": greedy answer clipped to [1, 5] or None, "text": raw output, "expected": expected star,
+        "calibrated": the expected star calibrated on validation, or None}."""
         return self.predict_rating_batch([{"user": user, "item": item, "template": template}])[0]
 
     def explain_batch(self, requests: list[dict], num_beams: int | None = None) -> list[str]:
