@@ -126,3 +126,19 @@ def test_run_refuses_prepared_data_that_changed(seq_run, tmp_path, capsys):
     assert cli(["evaluate", "--run", str(copy), "--templates", "2-1"]) == 2
     err = capsys.readouterr().err
     assert "000000000000" in err and trained_on[:12] in err
+
+
+def test_star_calibration_reads_the_lines_and_survives_a_broken_results_file(tmp_path, caplog):
+    """The served calibrated star comes from results.json; without one (or with one that does not read) serving
+    goes on without it, and a broken file is named in the log."""
+    from p5rec.run import Run
+
+    run = Run(tmp_path, {}, None, None, None, None, None)
+    assert run.star_calibration == {}
+    (tmp_path / "results.json").write_text(json.dumps({"templates": {
+        "1-1": {"calibration": {"intercept": 2.0, "slope": 0.5, "n": 10}}, "2-1": {"calibration": None}}}))
+    assert run.star_calibration == {"1-1": (2.0, 0.5)}
+    (tmp_path / "results.json").write_text('{"templates": {"1-1": ')
+    with caplog.at_level("WARNING"):
+        assert run.star_calibration == {}
+    assert "results.json" in caplog.text and "no rating calibration" in caplog.text
