@@ -110,7 +110,8 @@ def test_predict_api_and_cli_agree(run_dir, capsys):
     rating = rec.predict_rating(users[0], items[0])
     assert set(rating) == {"rating", "text", "expected", "calibrated"} and 1.0 <= rating["expected"] <= 5.0
     # the calibrated star is the expected one on the line the test evaluation fitted on validation
-    line = json.loads((run_dir / "results.json").read_text())["templates"][rec.default_template("rating")]["calibration"]
+    results = json.loads((run_dir / "results.json").read_text())
+    line = results["templates"][rec.default_template("rating")]["calibration"]
     assert line["n"] > 0 and line["slope"] >= 0
     assert rating["calibrated"] == pytest.approx(
         min(5.0, max(1.0, line["intercept"] + line["slope"] * rating["expected"])), abs=1e-3)
