@@ -203,3 +203,15 @@ def test_tfidf_max_df_drops_common_terms():
     x = vec.fit_transform(["the cat", "the dog", "the bird"])
     assert x[:, vec.vocab["the"]].nnz == 0
     np.testing.assert_allclose(np.asarray(x.multiply(x).sum(axis=1)).ravel(), 1.0)
+
+
+def test_the_most_typical_text_is_the_medoid():
+    from p5rec.eval.baselines import most_typical_text
+
+    texts = ["great strings for the price", "the strings sound great", "great strings for a low price",
+             "my dog ate it"]
+    assert most_typical_text(texts) == "great strings for the price"  # closest to the other two
+    assert most_typical_text(["only one"]) == "only one"
+    assert most_typical_text(["a b", "c d"]) == "a b"  # a tie goes to the earlier text
+    with pytest.raises(ValueError):
+        most_typical_text([])

@@ -266,3 +266,32 @@ def test_contrast_with_the_own_prompt_changes_nothing_and_sharpens_an_oracle():
                              contrast_sources=[src[i] for i in other]) == plain
     with pytest.raises(ValueError, match="one contrast source per prompt"):
         generate_text(model, tok, src, contrast=1.0, contrast_sources=src[:2])
+
+
+# ------------------------------------------------------------------ text chosen among candidates
+def test_candidate_scores_are_the_teacher_forced_scores_pair_by_pair():
+    """Each prompt encoded once, candidates decoded in length-sorted chunks that cross prompts: the same numbers
+    as scoring every (prompt, candidate) pair on its own."""
+    from p5rec.eval.decoding import candidate_logprobs, target_logprobs
+
+    tok, model = _setup(SINGLE)
+    model.eval()
+    sources = ["recommend", "next one please", "good strings", "find the item"]
+    cands = [["yes", "no strings", "good"], [], ["next one please", "yes"], ["no"]]
+    out = candidate_logprobs(model, tok, sources, cands, batch_size=3, pair_batch=2)
+    pairs = [(s, c) for s, cs in zip(sources, cands) for c in cs]
+    lp, n = target_logprobs(model, tok, [s for s, _ in pairs], [c for _, c in pairs])
+    assert [len(o[0]) for o in out] == [3, 0, 2, 1]
+    np.testing.assert_allclose(np.concatenate([o[0] for o in out]), lp, rtol=1e-5, atol=1e-5)
+    assert np.concatenate([o[1] for o in out]).tolist() == n.tolist()
+
+
+def test_choose_texts_follows_its_length_penalty(monkeypatch):
+    from p5rec.eval import decoding
+
+    scores = [(np.array([-4.0, -6.0]), np.array([2, 6])), (np.zeros(0), np.zeros(0, dtype=int))]
+    monkeypatch.setattr(decoding, "candidate_logprobs", lambda *a, **k: scores)
+    cands = [["short", "a longer one"], []]
+    # 0: the likeliest text (-4 > -6); 1: the likeliest per token (-6/6 > -4/2); no candidates: ""
+    assert decoding.choose_texts(None, None, ["p", "q"], cands, length_penalty=0.0) == ["short", ""]
+    assert decoding.choose_texts(None, None, ["p", "q"], cands, length_penalty=1.0) == ["a longer one", ""]

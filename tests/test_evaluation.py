@@ -240,7 +240,7 @@ def test_summaries_are_decoded_against_the_prompt_without_the_review_in_evaluati
         assert source.startswith(other.rstrip()) and len(other) < len(source) and review  # the review, cut out
     assert "contrast" not in score(t, text_contrast=0.0)[1]
     explanation = next(t for t in run.templates.by_family("explanation") if protocol_of(t) == "text")
-    assert "contrast" not in score(explanation)[1]  # its spec declares no contrast
+    assert "contrast" not in score(explanation, text_choose="")[1]  # written, not chosen: its spec has no contrast
 
     rec = P5Rec.from_pretrained(run.path)
     r = records[0]
@@ -265,3 +265,71 @@ def test_results_markdown_says_how_text_was_decoded():
     assert _text_decoding_line({**base, "text_contrast": 0.0}) == "Text: 4 beams, at most 32 tokens, no repeated 3-gram."
     old = _text_decoding_line({**base, "text_no_repeat_ngram": 0, "text_contrast": 2.0})  # a report of 2026-12-06
     assert old == "Text: 4 beams, at most 32 tokens; every family decoded against another case's prompt (contrast 2)."
+
+
+# ------------------------------------------------------------------ text chosen among the item's training texts
+def test_a_text_pool_is_a_fixed_draw_of_the_keys_texts_narrowed_by_the_shown_hint():
+    from collections import Counter
+
+    from p5rec.eval.evaluation import TextPool
+    from p5rec.prompts.families import DecodingSpec
+
+    texts = [f"text {k} about strings" for k in range(10)] + ["the tuner holds", "the tuner holds", "a cable"]
+    rows = {"item": ["i1"] * 10 + ["i2", "i3", "i2"], "feature": ["strings"] * 10 + ["tuner", "tuner", "cable"],
+            "explanation": texts}
+    spec = DecodingSpec(choose="item", hints=("feature",), candidates=4)
+    pool = TextPool.from_rows(rows, "explanation", spec)
+    first = pool.candidates({"item": "i1"})
+    assert len(first) == 4 and set(first) <= set(texts[:10])
+    # the draw does not follow the rows' order, nor repeat a text, nor change when the rows are shuffled
+    shuffled = TextPool.from_rows({k: v[::-1] for k, v in rows.items()}, "explanation", spec)
+    assert shuffled.candidates({"item": "i1"}) == first and first != texts[:4]
+    assert pool.candidates({"item": "i2"}) == ["a cable", "the tuner holds"] or \
+        pool.candidates({"item": "i2"}) == ["the tuner holds", "a cable"]
+    # a shown hint keeps the texts that mention it; when none does, the hint's most common texts
+    assert pool.candidates({"item": "i2", "feature": "Tuner"}, ("feature",)) == ["the tuner holds"]
+    assert pool.candidates({"item": "i1", "feature": "tuner"}, ("feature",)) == ["the tuner holds"]
+    assert pool.candidates({"item": "i1", "feature": "strings"}, ("feature",)) == first
+    # an item without training texts: the most common ones
+    common = [t for t, _ in Counter(texts).most_common(4)]
+    assert pool.candidates({"item": "new"}) == common and common[0] == "the tuner holds"
+    with pytest.raises(ValueError, match="'feature'"):
+        TextPool.from_rows({"item": rows["item"], "explanation": texts}, "explanation", spec)
+
+
+def test_chosen_explanations_are_training_texts_of_the_case_and_p5rec_serves_the_scored_one(opened, tiny_run,
+                                                                                          caplog):
+    """The explanation family's `decoding: choose` answers each case with one of its TextPool candidates, in
+    evaluation and in P5Rec alike; --text-choose none writes it token by token; without the prepared data P5Rec
+    writes it and says so."""
+    from p5rec.eval import evaluation
+    from p5rec.serve.inference import P5Rec
+
+    run, prepared = opened
+    spec = run.templates.family_info("explanation").decoding
+    assert spec.choose == "item"
+    tries = {"catalogue": build_catalogue_trie(prepared, run.tokenizer, run.render_config.id_form)}
+    records = evaluation._records(prepared, "explanation", "test", 5, 42)
+    rec = P5Rec.from_pretrained(run.path)
+    for t in [run.templates.get("3-1"), run.templates.get("3-9")]:
+        cfg = EvalConfig(split="test", max_cases=5, progress=False, max_source_length=run.max_source_length,
+                         baselines=False)
+        r = score_template(run.model, run.tokenizer, prepared, t, cfg, run.render_config, tries, "explanation",
+                           run.templates)
+        pool = evaluation.text_pool(prepared, "explanation", t, spec)
+        hints = evaluation.shown_hints(spec, t)
+        assert hints == (("feature",) if "feature" in t.variables else ())
+        for ex, case in zip(r.examples, records):
+            assert ex["output"] in pool.candidates(case, hints)
+            served = rec.explain(case["user"], case["item"], feature=case["feature"] if hints else None,
+                                 rating=float(case["rating"]), template=t.id)
+            assert served == ex["output"]
+    free = score_template(run.model, run.tokenizer, prepared, run.templates.get("3-1"),
+                          EvalConfig(split="test", max_cases=5, progress=False, text_choose="",
+                                     max_source_length=run.max_source_length), run.render_config, tries,
+                          "explanation", run.templates)
+    assert free.n == 5 and "distinct-2" in free.metrics
+    bare = P5Rec(run.model, run.tokenizer, run.index, run.templates, run.render_config, run.max_source_length)
+    with caplog.at_level("WARNING"):
+        text = bare.explain(records[0]["user"], records[0]["item"], template="3-1")
+    assert isinstance(text, str) and "written token by token" in caplog.text

@@ -52,6 +52,11 @@ def test_shipped_specs_declare_every_protocol_their_templates_are_scored_by():
         shown = set().union(*(t.variables - t.target_variables for t in templates.by_family(spec.family)))
         assert set(spec.decoding.without) <= shown, spec.family
     assert specs["review"].decoding.contrast > 0  # chosen on validation (bench/README.md)
+    for spec in specs.values():  # a chosen text is a training text of a field every text template shows
+        if spec.decoding.choose:
+            for t in templates.by_family(spec.family):
+                assert spec.decoding.choose in t.variables - t.target_variables, (spec.family, t.id)
+    assert specs["explanation"].decoding.choose == "item"  # chosen on validation (bench/README.md)
     roles = [r for s in specs.values() for r in s.inference]
     assert sorted(roles) == sorted(F.ROLES)  # every role P5Rec uses, each declared once
 
@@ -87,7 +92,19 @@ def test_shipped_specs_declare_every_protocol_their_templates_are_scored_by():
     ("family: stars\ndata: rating\ndecoding: {contrast: 2}\n",
      "decoding.without: expected the fields the contrast prompt leaves empty"),
     ("family: stars\ndata: rating\ndecoding: {contrast: 2, without: [item], beams: 4}\n",
-     "decoding: unknown key(s) beams; expected contrast, without, plausibility"),
+     "decoding: unknown key(s) beams; expected contrast, without, plausibility, choose"),
+    ("family: stars\ndata: rating\ndecoding: {choose: shop}\n",
+     "decoding.choose: shop not in the family's schema (user, item, rating)"),
+    ("family: stars\ndata: rating\ndecoding: {choose: item, hints: [colour]}\n",
+     "decoding.hints: colour not in the family's schema"),
+    ("family: stars\ndata: rating\ndecoding: {choose: item, candidates: 0}\n",
+     "decoding.candidates: expected an integer >= 1, got 0"),
+    ("family: stars\ndata: rating\ndecoding: {choose: item, length_penalty: -1}\n",
+     "decoding.length_penalty: expected a number >= 0, got -1"),
+    ("family: stars\ndata: rating\ndecoding: {choose: item, contrast: 2, without: [user]}\n",
+     "decoding: choose and contrast exclude each other"),
+    ("family: stars\ndata: rating\ndecoding: {candidates: 4}\n",
+     "decoding: hints, candidates and length_penalty need choose"),
 ])
 def test_a_bad_header_is_one_line_naming_file_and_field(tmp_path, header, problem):
     path = _family_file(tmp_path, header)

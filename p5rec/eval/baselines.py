@@ -384,6 +384,24 @@ def best_constant_text(train_texts: Iterable[str], n_candidates: int = 200, n_re
     return best, 100.0 * best_score
 
 
+def most_typical_text(texts: Sequence[str]) -> str:
+    """Of a few texts, the one with the highest mean ROUGE-L F-measure against the others (their medoid): the
+    choice among them that reads nothing about the case. Ties go to the earlier text; one text is its own."""
+    if not texts:
+        raise ValueError("most_typical_text: no texts")
+    if len(texts) == 1:
+        return texts[0]
+    vocab: dict[str, int] = {}
+    ids = [[vocab.setdefault(w, len(vocab)) for w in rouge_tokenize(t)[:64]] for t in texts]
+    lens = np.array([len(r) for r in ids])
+    refs = np.full((len(ids), max(int(lens.max()), 1)), -1, dtype=np.int64)
+    for k, r in enumerate(ids):
+        refs[k, : len(r)] = r
+    others = ~np.eye(len(ids), dtype=bool)
+    scores = [float(lcs_f1(tok, refs, lens)[others[k]].mean()) if tok else 0.0 for k, tok in enumerate(ids)]
+    return texts[int(np.argmax(scores))]
+
+
 def most_common_text_by(train_keys: Sequence[str], train_texts: Sequence[str], test_keys: Sequence[str]) -> list[str]:
     """Per test row, the most frequent non-empty training text among the training rows with the same key (for
     explanations, the feature word a hint template names): what copying the hint alone reaches. A key no

@@ -478,6 +478,69 @@ def choice_logprobs(
 
 
 @torch.no_grad()
+def candidate_logprobs(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    batch_size: int = 64,
+    max_source_length: int = 256,
+    max_target_length: int = 64,
+    pair_batch: int = 512,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Teacher-forced log P(c | source) for each source and each of its own candidate texts ``c``.
+
+    Returns, per source, (summed log-probabilities with EOS, normalised as the model was trained; token counts),
+    each [len(candidates[i])]. Each prompt is encoded once and each distinct candidate tokenized once; a prompt's
+    candidates are decoded together (``pair_batch`` (prompt, candidate) rows at a time, sorted by length), and the
+    vocabulary projection is computed only where a candidate token is.
+    """
+    model.eval()
+    texts = list(dict.fromkeys(c for cs in candidates for c in cs))
+    ids = tokenizer(texts, truncation=True, max_length=max_target_length).input_ids if texts else []
+    lens = np.array([len(t) for t in ids], dtype=np.int64)
+    table = np.full((len(ids), int(lens.max(initial=1))), -100, dtype=np.int64)
+    for k, seq in enumerate(ids):  # once per distinct candidate
+        table[k, : len(seq)] = seq
+    number = {t: k for k, t in enumerate(texts)}
+    which = np.array([number[c] for cs in candidates for c in cs], dtype=np.int64)  # flat pair -> text
+    offsets = np.cumsum([0] + [len(cs) for cs in candidates])
+    logp = np.zeros(len(which))
+    scale = model.config.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", True) else 1.0
+    start = model.config.decoder_start_token_id
+    for idx, texts_b in _batches(sources, batch_size, None):
+        enc = _encode(tokenizer, texts_b, max_source_length, model.device)
+        hidden = model.get_encoder()(**enc).last_hidden_state
+        flat = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx])  # this batch's pairs
+        row = np.repeat(np.arange(len(idx)), [offsets[i + 1] - offsets[i] for i in idx])
+        order = np.argsort(lens[which[flat]], kind="stable")
+        flat, row = flat[order], row[order]
+        for lo in range(0, len(flat), pair_batch):
+            f, r = flat[lo : lo + pair_batch], torch.as_tensor(row[lo : lo + pair_batch], device=model.device)
+            width = int(lens[which[f]].max())
+            labels = torch.as_tensor(table[which[f], :width], device=model.device)
+            dec_in = torch.cat([torch.full((len(f), 1), start, device=model.device), labels[:, :-1].clamp(min=0)], 1)
+            h = model.get_decoder()(input_ids=dec_in, encoder_hidden_states=hidden[r],
+                                    encoder_attention_mask=enc["attention_mask"][r], use_cache=False).last_hidden_state
+            where = labels != -100
+            tok = token_logprobs(model, model.lm_head(h[where] * scale), labels[where].unsqueeze(1)).squeeze(1)
+            per_pair = torch.zeros(len(f), device=model.device).index_add_(0, where.nonzero()[:, 0], tok.float())
+            logp[f] = per_pair.cpu().numpy()
+    count = lens[which]
+    return [(logp[offsets[i] : offsets[i + 1]], count[offsets[i] : offsets[i + 1]]) for i in range(len(candidates))]
+
+
+def choose_texts(model, tokenizer, sources: Sequence[str], candidates: Sequence[Sequence[str]],
+                 length_penalty: float = 1.0, **kw) -> list[str]:
+    """For each prompt, the one of its own candidate texts with the highest ``log P(text | prompt) / tokens **
+    length_penalty`` (:func:`candidate_logprobs`; 0: the likeliest text, 1: the likeliest per token, more: longer
+    texts favoured); "" for a prompt without candidates. Ties go to the earlier candidate."""
+    scored = candidate_logprobs(model, tokenizer, sources, candidates, **kw)
+    return [c[int(np.argmax(lp / np.maximum(n, 1) ** length_penalty))] if len(c) else ""
+            for c, (lp, n) in zip(candidates, scored)]
+
+
+@torch.no_grad()
 def target_logprobs(
     model,
     tokenizer,

@@ -74,6 +74,9 @@ class EvalConfig:
     text_contrast: float | None = None
     text_plausibility: float | None = None
     text_contrast_without: tuple[str, ...] | None = None
+    # Text chosen among training texts (the family's ``decoding: choose``, a field such as item): None keeps the
+    # family's own, "" writes every family's text token by token
+    text_choose: str | None = None
     max_new_tokens: int = 32
     max_source_length: int | None = None  # None: the run's own (run_config.json data.max_source_length)
     exclude_history: bool = False
@@ -349,9 +352,76 @@ def text_decoding_of(family: str, templates, cfg: EvalConfig | None = None) -> D
             pass
     if cfg is None:
         return spec
-    return DecodingSpec(spec.contrast if cfg.text_contrast is None else float(cfg.text_contrast),
-                        spec.without if cfg.text_contrast_without is None else tuple(cfg.text_contrast_without),
-                        spec.plausibility if cfg.text_plausibility is None else float(cfg.text_plausibility))
+    return replace(spec, contrast=spec.contrast if cfg.text_contrast is None else float(cfg.text_contrast),
+                   without=spec.without if cfg.text_contrast_without is None else tuple(cfg.text_contrast_without),
+                   plausibility=spec.plausibility if cfg.text_plausibility is None else float(cfg.text_plausibility),
+                   choose=spec.choose if cfg.text_choose is None else cfg.text_choose)
+
+
+@dataclass
+class TextPool:
+    """The training texts a family's ``decoding: choose`` picks among (:class:`DecodingSpec`).
+
+    ``by_key``: the ``choose`` field's value (an item) -> its distinct training texts, ordered by a checksum of
+    the text, so the first ``size`` are a fixed draw that owes nothing to the texts' content, frequency or the
+    case; ``by_hint``: hint field -> lower-cased value -> its training texts, most common first; ``common``: the
+    most common training texts, for a case whose value has none."""
+
+    key: str
+    size: int
+    by_key: dict[str, list[str]]
+    by_hint: dict[str, dict[str, list[str]]]
+    common: list[str]
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, list], target: str, spec: DecodingSpec) -> "TextPool":
+        """From the training table's columns (``rows[field]``); ``target``: the column the texts are."""
+        import zlib
+        from collections import Counter
+
+        for name in (target, spec.choose, *spec.hints):
+            if name not in rows:
+                raise ValueError(f"decoding: choose needs the training column {name!r} (columns: "
+                                 f"{', '.join(rows)})")
+        texts = [str(t) for t in rows[target]]
+        keyed: dict[str, set[str]] = {}
+        for k, t in zip(rows[spec.choose], texts):
+            if t.strip():
+                keyed.setdefault(str(k), set()).add(t)
+        by_key = {k: sorted(v, key=lambda t: (zlib.crc32(t.encode("utf-8")), t)) for k, v in keyed.items()}
+        by_hint: dict[str, dict[str, list[str]]] = {}
+        for h in spec.hints:
+            counts: dict[str, Counter] = {}
+            for v, t in zip(rows[h], texts):
+                if t.strip() and str(v or "").strip():
+                    counts.setdefault(str(v).strip().lower(), Counter())[t] += 1
+            by_hint[h] = {v: [t for t, _ in c.most_common(spec.candidates)] for v, c in counts.items()}
+        common = [t for t, _ in Counter(t for t in texts if t.strip()).most_common(spec.candidates)]
+        return cls(spec.choose, spec.candidates, by_key, by_hint, common)
+
+    def candidates(self, record: dict, hints: tuple[str, ...] = ()) -> list[str]:
+        """The texts ``record`` is answered among: its key's (``common`` when it has none), narrowed by each shown
+        hint to those mentioning the hint's value (when none does: the hint's own most common texts)."""
+        texts = self.by_key.get(str(record.get(self.key)), [])
+        for h in hints:
+            value = str(record.get(h) or "").strip().lower()
+            if value:
+                texts = ([t for t in texts if value in t.lower()] or self.by_hint.get(h, {}).get(value, [])
+                         or texts)
+        return texts[: self.size] or self.common
+
+
+def text_pool(prepared, table: str, template, spec: DecodingSpec) -> TextPool:
+    """The :class:`TextPool` of ``template``'s target over the training split of the prepared ``table``."""
+    target = next(iter(sorted(template.target_variables)))
+    train = prepared.family(table)["train"]
+    names = [n for n in dict.fromkeys((target, spec.choose, *spec.hints)) if n in train.column_names]
+    return TextPool.from_rows(train.select_columns(names)[:] if names else {}, target, spec)
+
+
+def shown_hints(spec: DecodingSpec, template) -> tuple[str, ...]:
+    """The ``spec.hints`` fields ``template``'s prompt shows."""
+    return tuple(h for h in spec.hints if h in template.variables - template.target_variables)
 
 
 def text_contrast(spec: DecodingSpec, template, records: list[dict], render) -> dict:
@@ -374,6 +444,13 @@ def _generate(ctx: Context, t, text: bool = True):
     settings = dict(num_beams=ctx.cfg.text_beams, no_repeat_ngram_size=ctx.cfg.text_no_repeat_ngram,
                     repetition_penalty=ctx.cfg.text_repetition_penalty) if text else {}
     spec = text_decoding_of(t.family, ctx.templates, ctx.cfg) if text else DecodingSpec()
+    if spec.choose:
+        pool, hints = text_pool(ctx.prepared, ctx.table, t, spec), shown_hints(spec, t)
+        outputs = decoding.choose_texts(ctx.model, ctx.tokenizer, sources, [pool.candidates(r, hints) for r in records],
+                                        length_penalty=spec.length_penalty, batch_size=ctx.cfg.batch_size,
+                                        max_source_length=ctx.cfg.max_source_length)
+        examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
+        return sources, golds, outputs, examples
     if spec.contrast and spec.without:
         settings.update(text_contrast(spec, t, records, lambda rs: [s for s, _ in _render(t, rs, ctx.prepared,
                                                                                         ctx.render_config)]))
@@ -757,6 +834,29 @@ def _most_common_by(ctx: BaselineContext) -> dict:
     return {ctx.name: ctx.text_scores(preds, te[col])}
 
 
+@baseline("most typical training text by key")
+def _most_typical_by(ctx: BaselineContext) -> dict:
+    """Per case, among the training ``field`` texts of the case's ``key`` that the family's ``decoding: choose``
+    answers a template without hints from (the same :class:`TextPool`), the one closest to the others (their
+    ROUGE-L medoid): the same choice made without reading the prompt, so a chosen text is measured against it."""
+    col, key = ctx.arg("field"), ctx.arg("key")
+    own = ctx.spec.decoding
+    spec = replace(own, hints=()) if own.choose == key else DecodingSpec(choose=key)
+    tr, te = ctx.table["train"], ctx.table[ctx.cfg.split]
+    for name, table in (("training", tr), (ctx.cfg.split, te)):
+        if key not in table.column_names or col not in table.column_names:
+            raise ValueError(f"{ctx.spec.file}: baselines.{ctx.name}: the {name} table needs columns {key!r} and "
+                             f"{col!r} (columns: {', '.join(table.column_names)})")
+    pool = TextPool.from_rows(tr.select_columns(list(dict.fromkeys([col, key])))[:], col, spec)
+    typical: dict[str, str] = {}
+    preds = []
+    for value in te[key]:
+        if value not in typical:
+            typical[value] = baselines.most_typical_text(pool.candidates({key: value}))
+        preds.append(typical[value])
+    return {ctx.name: ctx.text_scores(preds, te[col])}
+
+
 def run_baselines(prepared, cfg: EvalConfig, specs: dict[str, FamilySpec] | None = None) -> dict:
     """Every baseline the evaluated families' specs declare, scored on the same split and cases as the model:
     family -> baseline name -> metrics. A family whose table was not prepared gets none."""
@@ -907,6 +1007,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
                      "text_repetition_penalty": cfg.text_repetition_penalty,
                      "text_contrast": {f: asdict(d) for f in cfg.families
                                        if (d := text_decoding_of(f, templates, cfg)).contrast},
+                     "text_choose": {f: asdict(d) for f in cfg.families
+                                     if (d := text_decoding_of(f, templates, cfg)).choose},
                      "id_form": id_form, "restricted": "prefix trie over the catalogue / saved candidates"},
         "manifest_fingerprint": prepared.manifest.get("fingerprint"),
         "manifest_sha256": hashlib.sha256((Path(prepared.path) / "manifest.json").read_bytes()).hexdigest(),
@@ -1011,6 +1113,10 @@ def _text_decoding_line(d: dict) -> str:
                      + (f", plausibility {c['plausibility']:g}" if c.get("plausibility") else "") + ")")
     elif contrast:
         line += f"; every family decoded against another case's prompt (contrast {contrast:g})"
+    for fam, c in (d.get("text_choose") or {}).items():
+        line += (f"; {fam} chosen among at most {c['candidates']} training texts of the case's {c['choose']}"
+                 + (f" (those mentioning the shown {', '.join(c['hints'])})" if c.get("hints") else "")
+                 + f", scored log P / tokens^{c['length_penalty']:g}")
     return line + "."
 
 
@@ -1157,6 +1263,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--text-contrast-without", default=None,
                    help="the fields the contrast prompt leaves empty (comma-separated, e.g. review,feature; '': "
                         "another case's prompt instead; default: each family's)")
+    p.add_argument("--text-choose", default=None,
+                   help="choose each case's text among the training texts of this field's value (e.g. item; "
+                        "'none': write it token by token; default: each family's decoding:)")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-sasrec", action="store_true", help="skip training SASRec as the sequential baseline")
@@ -1179,6 +1288,8 @@ def _cli(args) -> int:
         text_plausibility=args.text_plausibility,
         text_contrast_without=None if args.text_contrast_without is None else tuple(
             f.strip() for f in args.text_contrast_without.split(",") if f.strip()),
+        text_choose=None if args.text_choose is None else ("" if args.text_choose.strip() in ("", "none")
+                                                           else args.text_choose.strip()),
         exclude_history=args.exclude_history,
         baselines=not args.no_baselines,
         sasrec=not args.no_sasrec,

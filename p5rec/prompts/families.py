@@ -23,7 +23,15 @@ A family is its folder and nothing in Python (docs/design.md §4). The header, a
 ``decoding`` sets how the family's generated text is decoded, in evaluation and in ``P5Rec`` alike: each next
 token scored ``(1 + contrast) log p(own prompt) - contrast log p(the prompt without the fields in without)``
 (:class:`p5rec.eval.decoding.PromptContrast`), so words the template alone makes likely gain nothing; a template
-using none of those fields is decoded plainly. Default: no contrast.
+using none of those fields is decoded plainly. Default: no contrast. Or the text is chosen, not written:
+
+    decoding: {choose: item, hints: [feature], candidates: 8, length_penalty: 1.25}
+
+answers each case with one of the training texts of its ``choose`` field's value (the case's item: at most
+``candidates`` of them, in a fixed order that does not depend on the text's content or frequency), where a
+template showing a ``hints`` field keeps those that mention the hint (none do: the hint's most common training
+texts), the one with the highest ``log P(text | prompt) / tokens ** length_penalty`` under the model
+(:func:`p5rec.eval.decoding.choose_texts`; ``p5rec.eval.evaluation.TextPool``).
 
 Only ``family`` is required; a file that adds templates to a family another file declares repeats ``family``,
 ``data`` and (a subset of) ``schema`` and nothing else. Every other key has a default that leaves the family out
@@ -79,12 +87,18 @@ class CurveSpec:
 
 @dataclass(frozen=True)
 class DecodingSpec:
-    """Context-aware decoding of a family's text: the contrast weight, the fields left empty in the contrast
-    prompt, and the plausibility floor (tokens under that factor of the best one are dropped; 0: none)."""
+    """How a family's text is decoded: context-aware (the contrast weight, the fields left empty in the contrast
+    prompt, and the plausibility floor: tokens under that factor of the best one are dropped; 0: none), or chosen
+    among training texts (``choose`` and the fields after it)."""
 
     contrast: float = 0.0
     without: tuple[str, ...] = ()
     plausibility: float = 0.0
+    # chosen, not written: the training texts of the case's value of this field (""; free decoding)
+    choose: str = ""
+    hints: tuple[str, ...] = ()  # fields whose value, shown in a prompt, narrows the texts to those mentioning it
+    candidates: int = 8  # texts per case at most
+    length_penalty: float = 1.0  # a text scores log P / tokens ** length_penalty
 
 
 @dataclass
@@ -228,14 +242,17 @@ def parse_spec(data: Mapping[str, Any], file: str, line: int = 1) -> tuple[Famil
     return spec, problems
 
 
+DECODING_KEYS = ("contrast", "without", "plausibility", "choose", "hints", "candidates", "length_penalty")
+
+
 def _decoding(d: Any, schema: Mapping[str, str], bad, problems: list[str]) -> DecodingSpec:
     if not isinstance(d, dict):
-        bad("decoding", "a mapping with contrast, without, plausibility", d)
+        bad("decoding", f"a mapping with {', '.join(DECODING_KEYS)}", d)
         return DecodingSpec()
-    unknown = sorted(set(d) - {"contrast", "without", "plausibility"})
+    unknown = sorted(set(d) - set(DECODING_KEYS))
     if unknown:
-        problems.append(f"decoding: unknown key(s) {', '.join(map(str, unknown))}; expected contrast, without, "
-                        "plausibility")
+        problems.append(f"decoding: unknown key(s) {', '.join(map(str, unknown))}; expected "
+                        f"{', '.join(DECODING_KEYS)}")
     contrast, plausibility = d.get("contrast", 0.0), d.get("plausibility", 0.0)
     if not _is_number(contrast) or contrast < 0:
         bad("decoding.contrast", "a number >= 0", contrast)
@@ -244,13 +261,33 @@ def _decoding(d: Any, schema: Mapping[str, str], bad, problems: list[str]) -> De
         bad("decoding.plausibility", "a number in [0, 1)", plausibility)
         plausibility = 0.0
     without = _names(d.get("without", []), "decoding.without", "a list of the schema's field names", problems)
-    missing = [f for f in without if schema and f not in schema]
-    if missing:
-        problems.append(f"decoding.without: {', '.join(missing)} not in the family's schema "
-                        f"({', '.join(schema)})")
+    hints = _names(d.get("hints", []), "decoding.hints", "a list of the schema's field names", problems)
+    choose = d.get("choose", "")
+    if not isinstance(choose, str):
+        bad("decoding.choose", "a field name of the schema", choose)
+        choose = ""
+    for key, names in (("without", without), ("hints", hints), ("choose", [choose] if choose else [])):
+        missing = [f for f in names if schema and f not in schema]
+        if missing:
+            problems.append(f"decoding.{key}: {', '.join(missing)} not in the family's schema "
+                            f"({', '.join(schema)})")
     if contrast and not without:
         problems.append("decoding.without: expected the fields the contrast prompt leaves empty (contrast > 0)")
-    return DecodingSpec(float(contrast), tuple(without), float(plausibility))
+    candidates, penalty = d.get("candidates", 8), d.get("length_penalty", 1.0)
+    if not _is_int(candidates) or candidates < 1:
+        bad("decoding.candidates", "an integer >= 1", candidates)
+        candidates = 8
+    if not _is_number(penalty) or penalty < 0:
+        bad("decoding.length_penalty", "a number >= 0", penalty)
+        penalty = 1.0
+    if choose and contrast:
+        problems.append("decoding: choose and contrast exclude each other (a chosen text is not decoded token "
+                        "by token)")
+    if not choose and (hints or "candidates" in d or "length_penalty" in d):
+        problems.append("decoding: hints, candidates and length_penalty need choose (the field whose training "
+                        "texts are chosen among)")
+    return DecodingSpec(float(contrast), tuple(without), float(plausibility), choose, tuple(hints),
+                        int(candidates), float(penalty))
 
 
 def _is_int(v: Any) -> bool:

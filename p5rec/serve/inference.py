@@ -137,10 +137,13 @@ class P5Rec:
     """A trained p5rec run, ready to answer requests for every task family."""
 
     def __init__(self, model, tokenizer, index, templates, render_config, max_source_length: int = 128,
-                 trained: set[str] | None = None, trie=None, calibration: dict | None = None):
+                 trained: set[str] | None = None, trie=None, calibration: dict | None = None, prepared=None):
         from p5rec.eval.decoding import ItemTrie
 
         self.model, self.tokenizer, self.index = model, tokenizer, index
+        # the prepared data the run trained on, or a callable returning it: the training texts a family whose
+        # decoding chooses its text (explanation) answers among; None: that text is written token by token
+        self._prepared, self._pools = prepared, {}
         # template id -> (intercept, slope): each rating template's expected star calibrated on validation
         self.calibration = dict(calibration or {})
         self.templates, self.render_config = templates, render_config
@@ -167,7 +170,29 @@ class P5Rec:
         """Answer requests with a :class:`p5rec.run.Run` already open (``p5rec serve`` keeps the run for its
         metadata and the studio's records)."""
         return cls(run.model, run.tokenizer, run.index, run.templates, run.render_config, run.max_source_length,
-                   run.trained_templates, run.trie, run.star_calibration)
+                   run.trained_templates, run.trie, run.star_calibration, prepared=run.prepared)
+
+    def _text_pool(self, template, spec):
+        """The :class:`~p5rec.eval.evaluation.TextPool` ``template``'s text is chosen among (built once per family
+        and target), or None when the run's prepared data cannot be read (said once in the log)."""
+        from p5rec.eval.evaluation import text_pool
+        from p5rec.run import RunError
+
+        key = (template.family, tuple(sorted(template.target_variables)), spec)
+        if key not in self._pools:
+            pool = None
+            try:
+                prepared = self._prepared() if callable(self._prepared) else self._prepared
+                if prepared is not None:
+                    pool = text_pool(prepared, self.templates.family_info(template.family).data, template, spec)
+            except (RunError, ValueError, KeyError) as exc:
+                logger.warning("%s text is written token by token, not chosen among training texts as evaluated: "
+                               "%s", template.family, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            if pool is None and self._prepared is None:
+                logger.warning("%s text is written token by token, not chosen among training texts as evaluated: "
+                               "no prepared data given", template.family)
+            self._pools[key] = pool
+        return self._pools[key]
 
     # ------------------------------------------------------------------ helpers
     def _check_items(self, items: Sequence[str], where: str = "", field: str | None = None) -> None:
@@ -333,8 +358,8 @@ class P5Rec:
         """Text for each request's record (its ``template``, else ``default``, of the family declaring ``role``),
         one ``generate`` call per template; ``text``: decoded as the evaluation decodes the family's text (its
         spec's context-aware decoding included)."""
-        from p5rec.eval.decoding import generate_text
-        from p5rec.eval.evaluation import text_contrast, text_decoding_of
+        from p5rec.eval.decoding import choose_texts, generate_text
+        from p5rec.eval.evaluation import shown_hints, text_contrast, text_decoding_of
 
         out = [""] * len(requests)
         for tid, idx in _by_template(requests, default).items():
@@ -342,11 +367,18 @@ class P5Rec:
             if "rating" in t.variables - t.target_variables and any(records[i].get("rating") is None for i in idx):
                 raise RequestError(f"template {tid} shows the star rating: pass rating", "rating")
             recs = [records[i] for i in idx]
-            contrast = text_contrast(text_decoding_of(t.family, self.templates), t, recs,
-                                     lambda rs: self._sources(t, rs)) if text else {}
+            spec = text_decoding_of(t.family, self.templates) if text else None
+            pool = self._text_pool(t, spec) if spec is not None and spec.choose else None
+            contrast = text_contrast(spec, t, recs, lambda rs: self._sources(t, rs)) if text else {}
             with family_route(self.model, t.family):
-                texts = generate_text(self.model, self.tokenizer, self._sources(t, recs),
-                                      max_source_length=self.max_source_length, **decoding, **contrast)
+                if pool is not None:  # as the evaluation scored it: one of the case's candidate training texts
+                    hints = shown_hints(spec, t)
+                    texts = choose_texts(self.model, self.tokenizer, self._sources(t, recs),
+                                         [pool.candidates(r, hints) for r in recs],
+                                         length_penalty=spec.length_penalty, max_source_length=self.max_source_length)
+                else:
+                    texts = generate_text(self.model, self.tokenizer, self._sources(t, recs),
+                                          max_source_length=self.max_source_length, **decoding, **contrast)
             for i, text in zip(idx, texts):
                 out[i] = text
         return out
