@@ -237,6 +237,23 @@ class Run:
             return {}
 
     @property
+    def star_ensembles(self) -> dict[str, dict]:
+        """family -> {"templates": ids, "line": (intercept, slope) or None}: the rating templates whose expected
+        stars the run's last test evaluation averaged (``results.json``, ``star_ensembles``) and the line that
+        calibrates the mean; {} before one, or when the file does not read (said once in the log)."""
+        path = self.path / "results.json"
+        if not path.exists():
+            return {}
+        try:
+            found = read_json(path).get("star_ensembles") or {}
+            return {fam: {"templates": [str(t) for t in e["templates"]],
+                          "line": (float(e["calibration"]["intercept"]), float(e["calibration"]["slope"]))
+                          if e.get("calibration") else None} for fam, e in found.items()}
+        except (RunError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            logger.warning("%s: no rating ensemble read (%s)", path, _first_line(exc))
+            return {}
+
+    @property
     def fingerprint(self) -> str | None:
         manifest = self.path / "manifest.json"
         return read_json(manifest).get("fingerprint") if manifest.exists() else None

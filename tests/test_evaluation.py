@@ -333,3 +333,41 @@ def test_chosen_explanations_are_training_texts_of_the_case_and_p5rec_serves_the
     with caplog.at_level("WARNING"):
         text = bare.explain(records[0]["user"], records[0]["item"], template="3-1")
     assert isinstance(text, str) and "written token by token" in caplog.text
+
+
+# ------------------------------------------------------------------ the expected star averaged over templates
+def test_the_star_ensemble_scores_the_mean_of_the_seen_templates_expected_stars():
+    from p5rec.eval.evaluation import TemplateResult, star_ensembles
+    from p5rec.eval.metrics import rating_metrics
+    from p5rec.prompts.families import shipped_specs
+
+    gold = np.array([5.0, 4.0, 1.0, 5.0, 3.0, 4.0])
+    fit_gold = np.array([4.0, 5.0, 2.0, 3.0])
+
+    def result(tid, expected, seen=True, family="rating", gold=gold, fit=True):
+        return TemplateResult(tid, family, seen, "generation", "rating", {}, len(gold), protocol="rating",
+                              stars={"expected": np.asarray(expected, float), "gold": gold,
+                                     "fit": (np.array([4.2, 4.6, 3.0, 3.8]), fit_gold) if fit else None})
+
+    a, b = [4.8, 3.9, 2.0, 4.4, 3.5, 4.1], [4.0, 4.5, 1.5, 4.6, 2.5, 3.9]
+    specs = shipped_specs()
+    rs = [result("1-1", a), result("1-2", b), result("1-10", [1.0] * 6, seen=False),
+          result("4-2", [3.0] * 6, family="review")]
+    out = star_ensembles(rs, specs)
+    assert set(out) == {"rating"}  # review's rating protocol declares no ensemble; unseen templates stay out
+    ens = out["rating"]
+    mean = (np.array(a) + np.array(b)) / 2
+    assert ens["templates"] == ["1-1", "1-2"] and ens["n"] == 6
+    assert ens["RMSE_ensemble"] == pytest.approx(rating_metrics(mean.tolist(), gold.tolist())["RMSE"])
+    # averaging cancels what each wording adds: here the mean beats both templates
+    assert ens["RMSE_ensemble"] < min(rating_metrics(e, gold.tolist())["RMSE"] for e in (a, b))
+    line = ens["calibration"]
+    assert line["n"] == 4 and line["slope"] >= 0
+    calibrated = np.clip(line["intercept"] + line["slope"] * mean, 1, 5)
+    assert ens["RMSE_ensemble_calibrated"] == pytest.approx(rating_metrics(calibrated.tolist(), gold.tolist())["RMSE"])
+    # one seen template, or templates that scored other cases: no ensemble
+    assert star_ensembles(rs[:1], specs) == {}
+    assert star_ensembles([rs[0], result("1-2", b[:5], gold=gold[:5])], specs) == {}
+    # on validation (no fitted line): calibrated by halves, and no line to serve
+    valid = star_ensembles([result("1-1", a, fit=False), result("1-2", b, fit=False)], specs)["rating"]
+    assert valid["calibration"] is None and np.isfinite(valid["RMSE_ensemble_calibrated"])

@@ -108,16 +108,27 @@ def test_predict_api_and_cli_agree(run_dir, capsys):
     ranked = rec.rank(items[5:15], user=users[0], history=history)
     assert sorted(p.item for p in ranked) == sorted(items[5:15])
     rating = rec.predict_rating(users[0], items[0])
-    assert set(rating) == {"rating", "text", "expected", "calibrated"} and 1.0 <= rating["expected"] <= 5.0
+    assert set(rating) == {"rating", "text", "expected", "calibrated", "expected_mean", "calibrated_mean"}
+    assert 1.0 <= rating["expected"] <= 5.0
     # the calibrated star is the expected one on the line the test evaluation fitted on validation
     results = json.loads((run_dir / "results.json").read_text())
     line = results["templates"][rec.default_template("rating")]["calibration"]
     assert line["n"] > 0 and line["slope"] >= 0
     assert rating["calibrated"] == pytest.approx(
         min(5.0, max(1.0, line["intercept"] + line["slope"] * rating["expected"])), abs=1e-3)
+    # the mean star is the expected stars of the templates the test evaluation averaged, averaged
+    ens = results["star_ensembles"]["rating"]
+    assert len(ens["templates"]) >= 2 and ens["calibration"]["n"] > 0
+    each = [rec.predict_rating(users[0], items[0], template=tid)["expected"] for tid in ens["templates"]]
+    assert rating["expected_mean"] == pytest.approx(sum(each) / len(each), abs=1e-3)
+    line = ens["calibration"]
+    assert rating["calibrated_mean"] == pytest.approx(
+        min(5.0, max(1.0, line["intercept"] + line["slope"] * rating["expected_mean"])), abs=1e-3)
     before, rec.calibration = rec.calibration, {}  # a run never evaluated on test has no line: no calibrated star
+    ensembles, rec.star_ensembles = rec.star_ensembles, {}
     assert rec.predict_rating(users[0], items[0])["calibrated"] is None
-    rec.calibration = before
+    assert rec.predict_rating(users[0], items[0])["expected_mean"] is None
+    rec.calibration, rec.star_ensembles = before, ensembles
     assert isinstance(rec.explain(users[0], items[0], feature="sound"), str)
     assert isinstance(rec.summarize("Great strings, bright tone and they stay in tune."), str)
     with pytest.raises(UnknownIdError, match="unknown item 'NOPE'"):
@@ -140,7 +151,8 @@ def test_predict_api_and_cli_agree(run_dir, capsys):
          lambda o: [p["item"] for p in o["items"]] == [p.item for p in rec.rank(items[5:15], user=users[0])]),
         (["--task", "rating", "--user", users[0], "--item", items[0]],
          lambda o: o["rating"] == rating["rating"] and o["expected"] == pytest.approx(rating["expected"])
-         and o["calibrated"] == pytest.approx(rating["calibrated"])),
+         and o["calibrated"] == pytest.approx(rating["calibrated"])
+         and o["expected_mean"] == pytest.approx(rating["expected_mean"])),
         (["--task", "explanation", "--user", users[0], "--item", items[0], "--feature", "sound"],
          lambda o: o["explanation"] == rec.explain(users[0], items[0], feature="sound")),
         (["--task", "review", "--review", review], lambda o: o["summary"] == rec.summarize(review)),

@@ -138,7 +138,13 @@ def test_star_calibration_reads_the_lines_and_survives_a_broken_results_file(tmp
     (tmp_path / "results.json").write_text(json.dumps({"templates": {
         "1-1": {"calibration": {"intercept": 2.0, "slope": 0.5, "n": 10}}, "2-1": {"calibration": None}}}))
     assert run.star_calibration == {"1-1": (2.0, 0.5)}
+    assert run.star_ensembles == {}
+    (tmp_path / "results.json").write_text(json.dumps({"templates": {}, "star_ensembles": {"rating": {
+        "templates": ["1-1", "1-2"], "calibration": {"intercept": 1.0, "slope": 0.75, "n": 10}}}}))
+    assert run.star_ensembles == {"rating": {"templates": ["1-1", "1-2"], "line": (1.0, 0.75)}}
     (tmp_path / "results.json").write_text('{"templates": {"1-1": ')
     with caplog.at_level("WARNING"):
         assert run.star_calibration == {}
+        assert run.star_ensembles == {}
     assert "results.json" in caplog.text and "no rating calibration" in caplog.text
+    assert "no rating ensemble" in caplog.text

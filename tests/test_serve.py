@@ -69,7 +69,7 @@ def test_every_endpoint_answers(served, ids):
         assert sorted(p["item"] for p in r.json()["items"]) == sorted(cands)
 
     for path, body, keys in [
-        ("/rating", {"user": users[0], "item": items[0]}, {"rating", "text", "expected", "calibrated"}),
+        ("/rating", {"user": users[0], "item": items[0]}, {"rating", "text", "expected", "calibrated", "expected_mean", "calibrated_mean"}),
         ("/explain", {"user": users[0], "item": items[0], "feature": "sound"}, {"explanation"}),
         ("/summarize", {"review": "Bright strings that stay in tune for weeks."}, {"summary"}),
         ("/review_rating", {"review": "Bright strings that stay in tune.", "user": users[2]}, {"rating", "text"}),

@@ -103,6 +103,9 @@ class TemplateResult:
     # rating templates scored on test: the line their expected star is calibrated with, fitted on validation
     # ({"intercept", "slope", "n"}); p5rec predict and /rating apply it (``calibrated``)
     calibration: dict | None = None
+    # the expected stars behind the rating metrics, for the mean over templates (:func:`star_ensembles`); not
+    # written to the report
+    stars: dict | None = field(default=None, repr=False, compare=False)
 
 
 def target_kind(template) -> str:
@@ -144,6 +147,8 @@ class Scored:
     invalid: int = 0
     examples: list[dict] = field(default_factory=list)
     calibration: dict | None = None
+    # rating: {"expected", "gold"} on the split, "fit": (expected, gold) on validation (None on validation itself)
+    stars: dict | None = None
 
 
 @dataclass
@@ -231,7 +236,7 @@ def score_template(model, tokenizer, prepared, template, cfg: EvalConfig, render
         template=template.id, family=template.family, seen=template.seen, scoring=template.scoring,
         kind=target_kind(template), metrics={k: float(v) for k, v in out.metrics.items()}, n=out.n,
         invalid=out.invalid, seconds=round(time.time() - t0, 2), examples=out.examples, protocol=name,
-        calibration=out.calibration,
+        calibration=out.calibration, stars=out.stars,
     )
 
 
@@ -476,23 +481,68 @@ def _rating(ctx: Context, t) -> Scored:
     expected = _expected_stars(ctx, sources)
     exp_m = metrics.rating_metrics(expected.tolist(), y.tolist(), fallback=fallback)
     result["RMSE_expected"], result["MAE_expected"] = exp_m["RMSE"], exp_m["MAE"]
-    if ctx.cfg.split == "valid":  # fitted on the half of the cases it does not score, both ways
-        half = np.arange(len(y)) % 2 == 0
-        calibrated = np.empty_like(expected)
-        for fit, score in ((half, ~half), (~half, half)):
-            calibrated[score] = calibrate_stars(expected[fit], y[fit])(expected[score])
-        line = None
+    if ctx.cfg.split == "valid":
+        calibrated, line, fit = cross_calibrated(expected, y), None, None
     else:
         records = _records(ctx.prepared, ctx.table, "valid", ctx.cfg.max_cases, ctx.cfg.seed)
         rendered = _render(t, records, ctx.prepared, ctx.render_config)
-        fit_y = np.array([float(g) for _, g in rendered])
-        intercept, slope = calibration_line(_expected_stars(ctx, [s for s, _ in rendered]), fit_y)
+        fit = (_expected_stars(ctx, [s for s, _ in rendered]), np.array([float(g) for _, g in rendered]))
+        intercept, slope = calibration_line(*fit)
         calibrated = apply_calibration(expected, intercept, slope)
-        line = {"intercept": intercept, "slope": slope, "n": len(fit_y)}
+        line = {"intercept": intercept, "slope": slope, "n": len(fit[1])}
     cal_m = metrics.rating_metrics(calibrated.tolist(), y.tolist(), fallback=fallback)
     result["RMSE_calibrated"], result["MAE_calibrated"] = cal_m["RMSE"], cal_m["MAE"]
     return Scored(result, len(sources), invalid=int(result.get("invalid", 0)), examples=examples,
-                  calibration=line)
+                  calibration=line, stars={"expected": expected, "gold": y, "fit": fit})
+
+
+def cross_calibrated(expected: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """Expected stars calibrated on the same split without scoring a case with a line fitted on it: each half of
+    the cases (alternate ones) on the line fitted to the other half."""
+    half = np.arange(len(gold)) % 2 == 0
+    calibrated = np.empty_like(expected)
+    for fit, score in ((half, ~half), (~half, half)):
+        calibrated[score] = calibrate_stars(expected[fit], gold[fit])(expected[score])
+    return calibrated
+
+
+ENSEMBLE_METRICS = ("RMSE_ensemble", "MAE_ensemble", "RMSE_ensemble_calibrated", "MAE_ensemble_calibrated")
+
+
+def star_ensembles(results: list[TemplateResult], specs: dict[str, FamilySpec]) -> dict:
+    """Per family whose rating protocol declares ``RMSE_ensemble`` (its templates.yaml): the expected star
+    averaged over its seen rating templates, scored on their common cases, raw and calibrated on validation as each
+    template is (on the validation split itself, by halves: :func:`cross_calibrated`). One model asked the same
+    question in several wordings: the mean of its answers (prompt ensembling) cancels part of what each wording
+    adds. {family: {metric: value, "templates": [ids], "n": cases, "calibration": the line fitted on validation
+    ({"intercept", "slope", "n"}; None on validation itself)}}; a family with fewer than two such templates, or
+    whose templates scored different cases, gets none. P5Rec serves it (``expected_mean``, ``calibrated_mean``)."""
+    out: dict[str, dict] = {}
+    for fam, spec in specs.items():
+        declared = spec.protocols.get("rating")
+        if declared is None or "RMSE_ensemble" not in declared.metrics:
+            continue
+        rs = [r for r in results if r.family == fam and r.seen and r.protocol == "rating" and r.stars is not None]
+        if len(rs) < 2:
+            continue
+        gold = rs[0].stars["gold"]
+        if any(len(r.stars["gold"]) != len(gold) or not np.array_equal(r.stars["gold"], gold) for r in rs):
+            logger.warning("%s: its rating templates scored different cases; no mean over templates", fam)
+            continue
+        expected = np.mean([r.stars["expected"] for r in rs], axis=0)
+        fits = [r.stars["fit"] for r in rs]
+        line = None
+        if all(f is not None for f in fits):
+            intercept, slope = calibration_line(np.mean([f[0] for f in fits], axis=0), fits[0][1])
+            calibrated = apply_calibration(expected, intercept, slope)
+            line = {"intercept": intercept, "slope": slope, "n": len(fits[0][1])}
+        else:
+            calibrated = cross_calibrated(expected, gold)
+        raw, cal = (metrics.rating_metrics(e.tolist(), gold.tolist()) for e in (expected, calibrated))
+        out[fam] = {"RMSE_ensemble": raw["RMSE"], "MAE_ensemble": raw["MAE"],
+                    "RMSE_ensemble_calibrated": cal["RMSE"], "MAE_ensemble_calibrated": cal["MAE"],
+                    "templates": [r.template for r in rs], "n": len(gold), "calibration": line}
+    return out
 
 
 def _expected_stars(ctx: Context, sources: list[str]) -> np.ndarray:
@@ -1013,11 +1063,16 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, model=None, tokenizer=None, pre
         "manifest_fingerprint": prepared.manifest.get("fingerprint"),
         "manifest_sha256": hashlib.sha256((Path(prepared.path) / "manifest.json").read_bytes()).hexdigest(),
         "model": {"parameters": int(sum(p.numel() for p in model.parameters())), "preset": config["model"]["preset"]},
-        "templates": {r.template: asdict(r) for r in results},
+        "templates": {r.template: {k: v for k, v in asdict(r).items() if k != "stars"} for r in results},
         "families": aggregate(results),
         "baselines": run_baselines(prepared, cfg, {f: templates.family_info(f) for f in templates.families})
         if cfg.baselines else {},
     }
+    for fam, ens in star_ensembles(results, {f: templates.family_info(f) for f in templates.families}).items():
+        # the family's "seen" row: not a mean of the templates' RMSEs but the RMSE of their mean expected star
+        report["families"].setdefault(fam, {}).setdefault("rating", {}).setdefault("seen", {}).update(
+            {k: ens[k] for k in ENSEMBLE_METRICS})
+        report.setdefault("star_ensembles", {})[fam] = ens
     if cfg.reliance_cases:
         t1 = time.time()
         report["prompt_reliance"] = prompt_reliance(model, tokenizer, prepared, chosen, cfg, render_config,
@@ -1185,6 +1240,12 @@ def results_markdown(report: dict, images: list[tuple[str, str]] = (),
                 if groups.get(group):
                     lines.append(f"| *mean {group}* | {proto} | | | "
                                  + " | ".join(_cell(groups[group].get(k)) for k in keys) + " |")
+        ens = report.get("star_ensembles", {}).get(fam)
+        if ens:  # under the expected and calibrated columns: the same estimates, averaged over the templates first
+            as_column = {"RMSE_expected": "RMSE_ensemble", "MAE_expected": "MAE_ensemble",
+                         "RMSE_calibrated": "RMSE_ensemble_calibrated", "MAE_calibrated": "MAE_ensemble_calibrated"}
+            lines.append(f"| *expected star averaged over {', '.join(ens['templates'])}* | rating | seen | {ens['n']} | "
+                         + " | ".join(_cell(ens.get(as_column.get(k, ""))) for k in keys) + " |")
         for name, m in base.items():
             lines.append(f"| baseline: {name} | | | {m.get('n', '')} | " + " | ".join(_cell(m.get(k)) for k in keys) + " |")
         lines.append("")

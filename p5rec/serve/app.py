@@ -280,6 +280,11 @@ def _schemas():
         calibrated: float | None = Field(None, description="/rating: the expected star on the line fitted to the "
                                          "template's validation cases by the run's test evaluation; null before "
                                          "one")
+        expected_mean: float | None = Field(None, description="/rating: the expected star averaged over the "
+                                            "rating templates the run's test evaluation averaged (the lowest "
+                                            "squared error there); null before one")
+        calibrated_mean: float | None = Field(None, description="/rating: that mean on the line fitted to its "
+                                              "validation cases; null before a test evaluation")
         batch_size: int
         latency_ms: float
 

@@ -137,7 +137,8 @@ class P5Rec:
     """A trained p5rec run, ready to answer requests for every task family."""
 
     def __init__(self, model, tokenizer, index, templates, render_config, max_source_length: int = 128,
-                 trained: set[str] | None = None, trie=None, calibration: dict | None = None, prepared=None):
+                 trained: set[str] | None = None, trie=None, calibration: dict | None = None, prepared=None,
+                 star_ensembles: dict | None = None):
         from p5rec.eval.decoding import ItemTrie
 
         self.model, self.tokenizer, self.index = model, tokenizer, index
@@ -146,6 +147,9 @@ class P5Rec:
         self._prepared, self._pools = prepared, {}
         # template id -> (intercept, slope): each rating template's expected star calibrated on validation
         self.calibration = dict(calibration or {})
+        # family -> {"templates": ids, "line": (intercept, slope) or None}: the expected star averaged over those
+        # templates, as the run's test evaluation scored it (Run.star_ensembles)
+        self.star_ensembles = dict(star_ensembles or {})
         self.templates, self.render_config = templates, render_config
         self.max_source_length = max_source_length
         self.trained = trained  # template ids of the training mixture (None: unknown, every seen template)
@@ -170,7 +174,8 @@ class P5Rec:
         """Answer requests with a :class:`p5rec.run.Run` already open (``p5rec serve`` keeps the run for its
         metadata and the studio's records)."""
         return cls(run.model, run.tokenizer, run.index, run.templates, run.render_config, run.max_source_length,
-                   run.trained_templates, run.trie, run.star_calibration, prepared=run.prepared)
+                   run.trained_templates, run.trie, run.star_calibration, prepared=run.prepared,
+                   star_ensembles=run.star_ensembles)
 
     def _text_pool(self, template, spec):
         """The :class:`~p5rec.eval.evaluation.TextPool` ``template``'s text is chosen among (built once per family
@@ -395,7 +400,10 @@ class P5Rec:
         [1, 5] or None, "text": that answer, "expected": the expected star under the model's distribution over
         "1".."5" (the estimate with the lower squared error; None for a template whose answer is not the star),
         "calibrated": that star on the line fitted to the template's validation cases by the run's test
-        evaluation (``results.json``; None before one, or for a template it did not score)}."""
+        evaluation (``results.json``; None before one, or for a template it did not score), "expected_mean": the
+        expected star averaged over the rating templates that evaluation averaged (its ``star_ensembles``; the
+        estimate with the lowest squared error on the main job's test split), "calibrated_mean": that mean on its
+        own validation line (both None before a test evaluation)}."""
         for r in requests:
             self._need_user(r["user"])
             self._check_items([r["item"]], field="item")
@@ -403,8 +411,29 @@ class P5Rec:
         default = self.default_template("rating")
         texts = self._generate("rating", default, requests, records, max_new_tokens=6)
         expected = self._expected_stars("rating", default, requests, records)
-        return [dict(self._rating_answer(t), expected=e, calibrated=self._calibrated(r.get("template") or default, e))
-                for t, e, r in zip(texts, expected, requests)]
+        means = self._mean_stars("rating", records)
+        return [dict(self._rating_answer(t), expected=e, calibrated=self._calibrated(r.get("template") or default, e),
+                     expected_mean=m, calibrated_mean=c) for t, e, r, (m, c) in zip(texts, expected, requests, means)]
+
+    def _mean_stars(self, role: str, records: list[dict]) -> list[tuple[float | None, float | None]]:
+        """(expected star averaged over the role family's ensemble templates, that mean calibrated) per record."""
+        import numpy as np
+
+        from p5rec.eval.evaluation import apply_calibration, expected_stars
+
+        family = self._family_of(role)
+        ens = self.star_ensembles.get(family) if family else None
+        if not ens or not records:
+            return [(None, None)] * len(records)
+        per = []
+        for tid in ens["templates"]:
+            t = self._template(tid, role)
+            with family_route(self.model, t.family):
+                per.append(expected_stars(self.model, self.tokenizer, self._sources(t, records),
+                                          max_source_length=self.max_source_length))
+        mean = np.mean(per, axis=0)
+        calibrated = apply_calibration(mean, *ens["line"]) if ens.get("line") else [None] * len(mean)
+        return [(round(float(m), 4), None if c is None else round(float(c), 4)) for m, c in zip(mean, calibrated)]
 
     def _calibrated(self, template: str, expected: float | None) -> float | None:
         from p5rec.eval.evaluation import apply_calibration
@@ -431,7 +460,8 @@ class P5Rec:
 
     def predict_rating(self, user: str, item: str, template: str | None = None) -> dict:
         """{"rating": greedy answer clipped to [1, 5] or None, "text": raw output, "expected": expected star,
-        "calibrated": the expected star calibrated on validation, or None}."""
+        "calibrated": the expected star calibrated on validation, or None; "expected_mean", "calibrated_mean":
+        the same averaged over the evaluated rating templates, or None}."""
         return self.predict_rating_batch([{"user": user, "item": item, "template": template}])[0]
 
     def explain_batch(self, requests: list[dict], num_beams: int | None = None) -> list[str]:
