@@ -225,15 +225,13 @@ class Run:
         """template id -> (intercept, slope) of the line its expected star is calibrated with, fitted on
         validation by the run's last test evaluation (``results.json``); {} before one. A ``results.json`` that
         does not read is said once in the log and ignored: serving does not need it."""
-        path = self.path / "results.json"
-        if not path.exists():
-            return {}
+        results = self._last_results("rating calibration")
         try:
-            templates = read_json(path).get("templates") or {}
+            templates = results.get("templates") or {}
             return {tid: (float(r["calibration"]["intercept"]), float(r["calibration"]["slope"]))
                     for tid, r in templates.items() if isinstance(r, dict) and r.get("calibration")}
-        except (RunError, AttributeError, KeyError, TypeError, ValueError) as exc:
-            logger.warning("%s: no rating calibration read (%s)", path, _first_line(exc))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            logger.warning("%s: no rating calibration read (%s)", self.path / "results.json", _first_line(exc))
             return {}
 
     @property
@@ -241,16 +239,26 @@ class Run:
         """family -> {"templates": ids, "line": (intercept, slope) or None}: the rating templates whose expected
         stars the run's last test evaluation averaged (``results.json``, ``star_ensembles``) and the line that
         calibrates the mean; {} before one, or when the file does not read (said once in the log)."""
+        results = self._last_results("rating ensemble")
+        try:
+            found = results.get("star_ensembles") or {}
+            return {fam: {"templates": [str(t) for t in e["templates"]],
+                          "line": (float(e["calibration"]["intercept"]), float(e["calibration"]["slope"]))
+                          if e.get("calibration") else None} for fam, e in found.items()}
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            logger.warning("%s: no rating ensemble read (%s)", self.path / "results.json", _first_line(exc))
+            return {}
+
+    def _last_results(self, what: str) -> dict:
+        """The run's ``results.json`` (its last full test evaluation); {} when there is none, or when it does not
+        read (said in the log as ``no <what> read``)."""
         path = self.path / "results.json"
         if not path.exists():
             return {}
         try:
-            found = read_json(path).get("star_ensembles") or {}
-            return {fam: {"templates": [str(t) for t in e["templates"]],
-                          "line": (float(e["calibration"]["intercept"]), float(e["calibration"]["slope"]))
-                          if e.get("calibration") else None} for fam, e in found.items()}
-        except (RunError, AttributeError, KeyError, TypeError, ValueError) as exc:
-            logger.warning("%s: no rating ensemble read (%s)", path, _first_line(exc))
+            return read_json(path)
+        except RunError as exc:
+            logger.warning("%s: no %s read (%s)", path, what, _first_line(exc))
             return {}
 
     @property

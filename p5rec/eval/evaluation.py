@@ -429,6 +429,15 @@ def shown_hints(spec: DecodingSpec, template) -> tuple[str, ...]:
     return tuple(h for h in spec.hints if h in template.variables - template.target_variables)
 
 
+def choose_for(model, tokenizer, pool: TextPool, spec: DecodingSpec, template, sources: list[str],
+               records: list[dict], **kw) -> list[str]:
+    """Each record's text chosen among its :class:`TextPool` candidates under ``template``'s prompt (``sources``,
+    rendered from ``records``): evaluation and ``P5Rec`` both answer through it."""
+    hints = shown_hints(spec, template)
+    return decoding.choose_texts(model, tokenizer, sources, [pool.candidates(r, hints) for r in records],
+                                 length_penalty=spec.length_penalty, **kw)
+
+
 def text_contrast(spec: DecodingSpec, template, records: list[dict], render) -> dict:
     """``decoding.generate_text``'s contrast settings for ``template``'s prompts of ``records``: the contrast
     prompts are ``render(records)`` with the fields of ``spec.without`` that the template shows left empty; {} when
@@ -450,10 +459,9 @@ def _generate(ctx: Context, t, text: bool = True):
                     repetition_penalty=ctx.cfg.text_repetition_penalty) if text else {}
     spec = text_decoding_of(t.family, ctx.templates, ctx.cfg) if text else DecodingSpec()
     if spec.choose:
-        pool, hints = text_pool(ctx.prepared, ctx.table, t, spec), shown_hints(spec, t)
-        outputs = decoding.choose_texts(ctx.model, ctx.tokenizer, sources, [pool.candidates(r, hints) for r in records],
-                                        length_penalty=spec.length_penalty, batch_size=ctx.cfg.batch_size,
-                                        max_source_length=ctx.cfg.max_source_length)
+        outputs = choose_for(ctx.model, ctx.tokenizer, text_pool(ctx.prepared, ctx.table, t, spec), spec, t,
+                             sources, records, batch_size=ctx.cfg.batch_size,
+                             max_source_length=ctx.cfg.max_source_length)
         examples = [{"source": s, "target": g, "output": o} for s, g, o in list(zip(sources, golds, outputs))[:3]]
         return sources, golds, outputs, examples
     if spec.contrast and spec.without:

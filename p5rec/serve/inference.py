@@ -185,17 +185,16 @@ class P5Rec:
 
         key = (template.family, tuple(sorted(template.target_variables)), spec)
         if key not in self._pools:
-            pool = None
+            pool, why = None, "no prepared data given"
             try:
                 prepared = self._prepared() if callable(self._prepared) else self._prepared
                 if prepared is not None:
                     pool = text_pool(prepared, self.templates.family_info(template.family).data, template, spec)
             except (RunError, ValueError, KeyError) as exc:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if pool is None:
                 logger.warning("%s text is written token by token, not chosen among training texts as evaluated: "
-                               "%s", template.family, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            if pool is None and self._prepared is None:
-                logger.warning("%s text is written token by token, not chosen among training texts as evaluated: "
-                               "no prepared data given", template.family)
+                               "%s", template.family, why)
             self._pools[key] = pool
         return self._pools[key]
 
@@ -363,8 +362,8 @@ class P5Rec:
         """Text for each request's record (its ``template``, else ``default``, of the family declaring ``role``),
         one ``generate`` call per template; ``text``: decoded as the evaluation decodes the family's text (its
         spec's context-aware decoding included)."""
-        from p5rec.eval.decoding import choose_texts, generate_text
-        from p5rec.eval.evaluation import shown_hints, text_contrast, text_decoding_of
+        from p5rec.eval.decoding import generate_text
+        from p5rec.eval.evaluation import choose_for, text_contrast, text_decoding_of
 
         out = [""] * len(requests)
         for tid, idx in _by_template(requests, default).items():
@@ -377,10 +376,8 @@ class P5Rec:
             contrast = text_contrast(spec, t, recs, lambda rs: self._sources(t, rs)) if text else {}
             with family_route(self.model, t.family):
                 if pool is not None:  # as the evaluation scored it: one of the case's candidate training texts
-                    hints = shown_hints(spec, t)
-                    texts = choose_texts(self.model, self.tokenizer, self._sources(t, recs),
-                                         [pool.candidates(r, hints) for r in recs],
-                                         length_penalty=spec.length_penalty, max_source_length=self.max_source_length)
+                    texts = choose_for(self.model, self.tokenizer, pool, spec, t, self._sources(t, recs), recs,
+                                       max_source_length=self.max_source_length)
                 else:
                     texts = generate_text(self.model, self.tokenizer, self._sources(t, recs),
                                           max_source_length=self.max_source_length, **decoding, **contrast)
