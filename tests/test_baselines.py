@@ -215,3 +215,24 @@ def test_the_most_typical_text_is_the_medoid():
     assert most_typical_text(["a b", "c d"]) == "a b"  # a tie goes to the earlier text
     with pytest.raises(ValueError):
         most_typical_text([])
+
+
+def test_the_medoid_uses_rouge_scores_rouge_l():
+    """The pairwise LCS in plain Python picks the text rouge_score's own ROUGE-L F-measure makes the medoid, over
+    random sets with repeated words, empty texts and texts longer than the 64 tokens kept."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    from p5rec.eval.baselines import lcs_length, most_typical_text
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=False)
+    rng = np.random.default_rng(3)
+    words = ["good", "strings", "tone", "the", "a", "price", "sound", "great"]
+    for _ in range(60):
+        texts = [" ".join(rng.choice(words, size=rng.integers(0, 12))) for _ in range(rng.integers(2, 9))]
+        mean = [np.mean([scorer.score(o, t)["rougeL"].fmeasure for j, o in enumerate(texts) if j != k])
+                if t.split() else 0.0 for k, t in enumerate(texts)]
+        best = max(mean)
+        # the first text within float noise of the best mean (rouge_score and numpy round differently)
+        assert most_typical_text(texts) == next(t for t, m in zip(texts, mean) if m > best - 1e-12)
+    a, b = list("abcbdab"), list("bdcaba")
+    assert lcs_length(a, b) == lcs_length(b, a) == 4 and lcs_length([], b) == 0

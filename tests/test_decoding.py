@@ -286,6 +286,22 @@ def test_candidate_scores_are_the_teacher_forced_scores_pair_by_pair():
     assert np.concatenate([o[1] for o in out]).tolist() == n.tolist()
 
 
+def test_choice_scores_share_prefixes_and_match_teacher_forcing():
+    """Answers that share a first position (always) and longer prefixes ("next one please" / "next one"): each
+    prefix is projected once per prompt, and every answer's score is its own teacher-forced log-probability."""
+    from p5rec.eval.decoding import target_logprobs
+
+    tok, model = _setup(SINGLE)
+    model.eval()
+    sources = ["recommend", "next one please", "good strings", "find the item", "yes"]
+    choices = ["yes", "no", "next one please", "next one", "good strings"]
+    assert tok("next one please").input_ids[:2] == tok("next one").input_ids[:2]  # a shared prefix past the start
+    got = choice_logprobs(model, tok, sources, choices, batch_size=2)
+    pairs = [(s, c) for s in sources for c in choices]
+    want, _ = target_logprobs(model, tok, [s for s, _ in pairs], [c for _, c in pairs])
+    np.testing.assert_allclose(got, want.reshape(len(sources), len(choices)), rtol=1e-5, atol=1e-5)
+
+
 def test_choose_texts_follows_its_length_penalty(monkeypatch):
     from p5rec.eval import decoding
 

@@ -158,19 +158,29 @@ def test_prompt_reliance_gives_no_case_its_own_prompt(opened, monkeypatch):
     from p5rec.eval import decoding
     from p5rec.eval.evaluation import unread_families
 
-    calls: list[list[str]] = []  # the control scores a template's cases under their own prompts, then moved
+    import numpy as np
 
-    def fake(model, tokenizer, sources, targets, **kw):
-        import numpy as np
+    perms: list[np.ndarray] = []  # the control's derangement per template: case c's answer goes to prompt perm[c]
+    real = decoding.derangement
+    monkeypatch.setattr(decoding, "derangement", lambda n, rng: perms.append(real(n, rng)) or perms[-1])
+    calls: list[list[str]] = []  # each template's prompts, scored once with two answers each
 
+    def fake(model, tokenizer, sources, candidates, **kw):
         calls.append(list(sources))
-        mine = calls[-1] if len(calls) % 2 else calls[-2]  # each case's own prompt, in the targets' order
-        logp = np.array([-1.0 if s == m else -3.0 for s, m in zip(sources, mine)])
-        return logp, np.ones(len(sources), dtype=int)
+        perm = perms[-1]
+        assert len(perm) == len(sources) and not np.any(perm == np.arange(len(perm)))
+        out = []
+        for case in range(len(sources)):
+            p = perm[case]  # the prompt that also scores this case's answer, second
+            assert candidates[p][1] == candidates[case][0]
+        for p in range(len(sources)):
+            case = int(np.flatnonzero(perm == p)[0])
+            out.append((np.array([-1.0, -1.0 if sources[p] == sources[case] else -3.0]), np.ones(2, dtype=int)))
+        return out
 
-    monkeypatch.setattr(decoding, "target_logprobs", fake)
+    monkeypatch.setattr(decoding, "candidate_logprobs", fake)
     _, rel = _reliance(opened)
-    assert len(calls) == 2 * len(rel["templates"])
+    assert len(calls) == len(rel["templates"])
     # two cases may render the same prompt (then the moved one is "its own"): rare, never most of a template
     assert all(r["nll"] == 1.0 and r["gain"] > 1.0 for r in rel["templates"].values())
     assert sum(r["gain"] == 2.0 for r in rel["templates"].values()) >= len(rel["templates"]) // 2

@@ -39,8 +39,19 @@ class ItemTrie:
     children: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
     leaf: dict[tuple[int, ...], str] = field(default_factory=dict)
     _table: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _single: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        n = 1 if self.eos_id is None else 2
+        self._single = all(len(ids) == n for ids in self.spell.values())
+        distinct = len(set(self.spell.values())) == len(self.spell)
+        if self.spell and self._single and self.eos_id is not None and distinct:
+            # one token and EOS per item (a case's 100 candidates, thousands of times per evaluation): the same
+            # trie as below, built without a set per prefix
+            self.leaf = {ids: item for item, ids in self.spell.items()}
+            self.children = {(): sorted(ids[0] for ids in self.leaf)}
+            self.children.update((ids[:1], [self.eos_id]) for ids in self.leaf)
+            return
         children: dict[tuple[int, ...], set[int]] = {}
         for item, ids in self.spell.items():
             if ids in self.leaf:
@@ -79,8 +90,8 @@ class ItemTrie:
 
     @property
     def single_token(self) -> bool:
-        n = 1 if self.eos_id is None else 2
-        return all(len(ids) == n for ids in self.spell.values())
+        """Every item one token (and EOS): ranked from one decoder step. Computed once (asked per batch)."""
+        return self._single
 
     def allowed(self, prefix: tuple[int, ...]) -> list[int]:
         if self.eos_id is None:
@@ -137,13 +148,25 @@ def token_logprobs(model, logits: torch.Tensor, tokens: torch.Tensor) -> torch.T
     """
     logits = logits.float()
     picked = logits.gather(1, tokens)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     span = getattr(model.config, "item_token_range", None)
     if not span:
-        return picked - lse
+        return picked - torch.logsumexp(logits, dim=-1, keepdim=True)
     lo, hi = int(span[0]), int(span[1])
-    lse_items = torch.logsumexp(logits[:, lo:hi], dim=-1, keepdim=True)
-    return picked - torch.where((tokens >= lo) & (tokens < hi), lse_items, lse)
+    is_item = (tokens >= lo) & (tokens < hi)
+    # each normaliser only over the rows that need it: ranking asks for item tokens only, text for words mostly
+    return picked - torch.where(is_item, _row_logsumexp(logits[:, lo:hi], is_item.any(1)),
+                                _row_logsumexp(logits, ~is_item.all(1)))
+
+
+def _row_logsumexp(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension for the selected ``rows`` [R] of ``logits`` [R, V], [R, 1]; the other
+    rows get 0 (the caller reads none of them)."""
+    if bool(rows.all()):
+        return torch.logsumexp(logits, dim=-1, keepdim=True)
+    out = logits.new_zeros((len(logits), 1))
+    if bool(rows.any()):
+        out[rows] = torch.logsumexp(logits[rows], dim=-1, keepdim=True)
+    return out
 
 
 def _cache(cache) -> dict:
@@ -169,10 +192,22 @@ def _last_logits(model, enc, decoder_input_ids: torch.Tensor, last: torch.Tensor
         hidden = model.get_encoder()(**enc).last_hidden_state
     out = model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=hidden,
                               encoder_attention_mask=enc["attention_mask"], use_cache=False).last_hidden_state
-    h = out[torch.arange(len(out), device=out.device), last]
+    return _project(model, out[torch.arange(len(out), device=out.device), last])
+
+
+def _project(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of decoder states [..., d] (scaled as T5's lm head expects), float."""
     if getattr(model.config, "scale_decoder_outputs", True):
-        h = h * (model.config.d_model**-0.5)
-    return model.lm_head(h).float()
+        hidden = hidden * (model.config.d_model**-0.5)
+    return model.lm_head(hidden).float()
+
+
+def _labelled_sums(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed log-probability of its labels (-100: none) from decoder states [rows, width, d],
+    projecting onto the vocabulary only where a label is (:func:`token_logprobs`' normalisation), [rows]."""
+    where = labels != -100
+    tok = token_logprobs(model, _project(model, hidden[where]), labels[where].unsqueeze(1)).squeeze(1)
+    return torch.zeros(len(labels), device=hidden.device).index_add_(0, where.nonzero()[:, 0], tok)
 
 
 @torch.no_grad()
@@ -252,8 +287,6 @@ def _top_single(model, logits: torch.Tensor, tries: Sequence[ItemTrie], k: int,
 @torch.no_grad()
 def _rank_by_loglik(model, enc, tries: Sequence[ItemTrie], k: int) -> list[list[tuple[str, float]]]:
     """Top-``k`` items of each prompt's trie by log P(item spelling, EOS | prompt), computed exactly."""
-    from transformers.modeling_outputs import BaseModelOutput
-
     hidden = model.get_encoder()(**enc).last_hidden_state
     out = []
     for row, trie in enumerate(tries):
@@ -268,7 +301,7 @@ def _rank_by_loglik(model, enc, tries: Sequence[ItemTrie], k: int) -> list[list[
             labels[j, : len(ids)] = torch.tensor(ids)
         labels = labels.to(model.device)
         n = len(items)
-        score = _sequence_logprob(model, BaseModelOutput(last_hidden_state=hidden[row : row + 1].expand(n, -1, -1)),
+        score = _sequence_logprob(model, hidden[row : row + 1].expand(n, -1, -1),
                                   enc["attention_mask"][row : row + 1].expand(n, -1), labels)
         top = torch.topk(score, min(k, n))
         out.append([(items[int(i)], float(v)) for v, i in zip(top.values, top.indices)])
@@ -276,13 +309,13 @@ def _rank_by_loglik(model, enc, tries: Sequence[ItemTrie], k: int) -> list[list[
 
 
 def _sequence_logprob(model, encoder_outputs, attention_mask, labels: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced log P(labels | prompt) per row, [rows]; -100 labels are padding."""
+    """Teacher-forced log P(labels | prompt) per row, [rows]; -100 labels are padding. ``encoder_outputs``: the
+    encoder's states [rows, length, d], or its output (whose first element they are)."""
+    hidden = encoder_outputs if isinstance(encoder_outputs, torch.Tensor) else encoder_outputs[0]
     decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
-    logits = model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                   decoder_input_ids=decoder_input_ids).logits
-    rows, width = labels.shape
-    tok = token_logprobs(model, logits.reshape(rows * width, -1), labels.clamp(min=0).reshape(-1, 1))
-    return (tok.view(rows, width) * (labels != -100)).sum(-1)
+    out = model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=hidden,
+                              encoder_attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return _labelled_sums(model, out, labels)
 
 
 @torch.no_grad()
@@ -316,13 +349,12 @@ def trie_beam_search(model, enc, tries: Sequence[ItemTrie], beams: int,
     # its encoder (the Beauty recipe: 1 + 2 layers) then fails at its second layer; unsized, it grows per layer
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     decoder = model.get_decoder()
-    scale = model.config.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", True) else 1.0
     finished: list[list[tuple[str, float]]] = [[] for _ in tries]
     depth = max((len(s) for t in tries for s in t.spell.values()), default=0)
     for step in range(depth):
         out = decoder(input_ids=tokens, encoder_hidden_states=enc_h, encoder_attention_mask=enc_mask,
                       use_cache=True, **_cache(cache))
-        logits = model.lm_head(out.last_hidden_state[:, -1] * scale).float()
+        logits = _project(model, out.last_hidden_state[:, -1])
         allowed = [tries[r[0]].allowed(r[1]) if r is not None else [] for r in rows]
         lens = np.fromiter((len(a) for a in allowed), dtype=np.int64, count=len(allowed))
         width = int(lens.max()) if len(lens) else 0
@@ -458,22 +490,52 @@ def choice_logprobs(
 ) -> np.ndarray:
     """Log P(choice | prompt) for each prompt and each of a small fixed set of answers, [n_prompts, n_choices].
 
-    Full-sequence log-likelihood by teacher forcing, so multi-token answers ("dislike") are scored properly.
+    Full-sequence log-likelihood by teacher forcing, so multi-token answers ("dislike") are scored properly. Each
+    prompt is encoded once and its decoder run over every answer together; the answers share their prefixes (the
+    first position always: "yes" and "no" both begin there), so each distinct prefix's next-token distribution is
+    projected onto the vocabulary and normalised once per prompt, not once per answer.
     """
     model.eval()
+    device = model.device
     choice_ids = [tokenizer(c).input_ids for c in choices]  # with EOS
     width = max(len(c) for c in choice_ids)
-    labels = torch.full((len(choices), width), -100, dtype=torch.long)
+    start = model.config.decoder_start_token_id
+    dec_in = torch.full((len(choices), width), start, dtype=torch.long)
+    prefix_at: dict[tuple[int, ...], tuple[int, int]] = {}  # prefix -> (answer, position) whose state predicts after it
+    follows: dict[tuple[int, ...], list[int]] = {}  # prefix -> the distinct tokens answers put after it
+    edges = []  # per answer and position: (prefix number, column of its token among the prefix's followers)
     for j, ids in enumerate(choice_ids):
-        labels[j, : len(ids)] = torch.tensor(ids)
+        dec_in[j, 1 : len(ids)] = torch.tensor(ids[:-1])
+        for i, tok in enumerate(ids):
+            p = tuple(ids[:i])
+            prefix_at.setdefault(p, (j, i))
+            nxt = follows.setdefault(p, [])
+            if tok not in nxt:
+                nxt.append(tok)
+            edges.append((j, list(prefix_at).index(p), nxt.index(tok)))
+    n_pre, n_next = len(prefix_at), max(len(v) for v in follows.values())
+    nxt_tokens = torch.zeros((n_pre, n_next), dtype=torch.long)
+    for k, toks in enumerate(follows.values()):
+        nxt_tokens[k, : len(toks)] = torch.tensor(toks)
+    answer_of, pos_of = (torch.tensor(v, device=device) for v in zip(*prefix_at.values()))
+    # [n_pre * n_next, answers]: which (prefix, next token) log-probabilities each answer sums
+    incidence = torch.zeros((n_pre * n_next, len(choices)), device=device)
+    for j, p, c in edges:
+        incidence[p * n_next + c, j] = 1.0
+    dec_in, nxt_tokens = dec_in.to(device), nxt_tokens.to(device)
     out = np.zeros((len(sources), len(choices)), dtype=np.float64)
     for idx, texts in _batches(sources, batch_size, desc):
-        enc = _encode(tokenizer, texts, max_source_length, model.device)
-        encoder_out = model.get_encoder()(**enc)
-        n = len(idx)
-        for j in range(len(choices)):
-            lab = labels[j].unsqueeze(0).expand(n, -1).contiguous().to(model.device)
-            out[idx, j] = _sequence_logprob(model, encoder_out, enc["attention_mask"], lab).cpu().numpy()
+        enc = _encode(tokenizer, texts, max_source_length, device)
+        hidden = model.get_encoder()(**enc).last_hidden_state
+        n, answers = len(idx), len(choices)
+        states = model.get_decoder()(
+            input_ids=dec_in.repeat(n, 1), encoder_hidden_states=hidden.repeat_interleave(answers, 0),
+            encoder_attention_mask=enc["attention_mask"].repeat_interleave(answers, 0), use_cache=False,
+        ).last_hidden_state.view(n, answers, width, -1)
+        logits = _project(model, states[:, answer_of, pos_of]).view(n * n_pre, -1)  # the causal decoder: a
+        # prefix's state is the same in every answer that begins with it
+        lp = token_logprobs(model, logits, nxt_tokens.repeat(n, 1)).view(n, n_pre * n_next)
+        out[idx] = (lp @ incidence).cpu().numpy()
     return out
 
 
@@ -506,7 +568,6 @@ def candidate_logprobs(
     which = np.array([number[c] for cs in candidates for c in cs], dtype=np.int64)  # flat pair -> text
     offsets = np.cumsum([0] + [len(cs) for cs in candidates])
     logp = np.zeros(len(which))
-    scale = model.config.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", True) else 1.0
     start = model.config.decoder_start_token_id
     for idx, texts_b in _batches(sources, batch_size, None):
         enc = _encode(tokenizer, texts_b, max_source_length, model.device)
@@ -522,10 +583,7 @@ def candidate_logprobs(
             dec_in = torch.cat([torch.full((len(f), 1), start, device=model.device), labels[:, :-1].clamp(min=0)], 1)
             h = model.get_decoder()(input_ids=dec_in, encoder_hidden_states=hidden[r],
                                     encoder_attention_mask=enc["attention_mask"][r], use_cache=False).last_hidden_state
-            where = labels != -100
-            tok = token_logprobs(model, model.lm_head(h[where] * scale), labels[where].unsqueeze(1)).squeeze(1)
-            per_pair = torch.zeros(len(f), device=model.device).index_add_(0, where.nonzero()[:, 0], tok.float())
-            logp[f] = per_pair.cpu().numpy()
+            logp[f] = _labelled_sums(model, h, labels).cpu().numpy()
     count = lens[which]
     return [(logp[offsets[i] : offsets[i + 1]], count[offsets[i] : offsets[i + 1]]) for i in range(len(candidates))]
 
@@ -645,7 +703,6 @@ class PromptContrast:
             hidden = model.get_encoder()(**other_enc).last_hidden_state
         self.hidden = hidden.repeat_interleave(num_beams, dim=0)
         self.mask = other_enc["attention_mask"].repeat_interleave(num_beams, dim=0)
-        self.scale = model.config.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", True) else 1.0
         self.cache, self.rows = None, None  # the decoder cache and the rows it holds
 
     def _parents(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -674,7 +731,7 @@ class PromptContrast:
         out = self.model.get_decoder()(input_ids=step, encoder_hidden_states=self.hidden,
                                        encoder_attention_mask=self.mask, use_cache=True, **_cache(self.cache))
         self.rows = input_ids
-        other = torch.log_softmax(self.model.lm_head(out.last_hidden_state[:, -1] * self.scale).float(), dim=-1)
+        other = torch.log_softmax(_project(self.model, out.last_hidden_state[:, -1]), dim=-1)
         mixed = torch.sub(own, other).mul_(self.contrast).add_(own)  # (1 + a) own - a other, in place
         if self.plausibility > 0:  # a -inf (banned) token is under any finite floor
             floor = own.max(dim=-1, keepdim=True).values + float(np.log(self.plausibility))

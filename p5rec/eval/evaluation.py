@@ -628,8 +628,9 @@ def prompt_reliance(model, tokenizer, prepared, chosen, cfg: EvalConfig, render_
 
     For each template, up to ``cfg.reliance_cases`` rendered cases of ``cfg.split`` (the renderer's own rows,
     seeded) are scored by teacher forcing twice: the answer under its own prompt, and under the prompt of another
-    case of the same template (a seeded derangement: no case keeps its own). The template's words are the same in
-    both; only the user, item, history, candidates or hint differ. ``gain`` = log-loss under another case's prompt
+    case of the same template (a seeded derangement: no case keeps its own); each prompt is encoded once and
+    decodes two answers, its own and the one moved to it. The template's words are the same in both; only the
+    user, item, history, candidates or hint differ. ``gain`` = log-loss under another case's prompt
     minus under its own, in nats per answer token. A model that answers from the template's words alone (the
     marginal distribution of answers) has a gain near 0, however its ranking metrics compare with popularity:
     such a row measures the marginal, not personalization.
@@ -658,11 +659,16 @@ def prompt_reliance(model, tokenizer, prepared, chosen, cfg: EvalConfig, render_
                 continue
             src = [rows["source"][i] for i in idx]
             tgt = [rows["target"][i] for i in idx]
-            other = decoding.derangement(len(idx), rng)
-            kw = dict(batch_size=cfg.batch_size, max_source_length=cfg.max_source_length or 256)
-            with family_route(model, fam):
-                own, count = decoding.target_logprobs(model, tokenizer, src, tgt, **kw)
-                moved, _ = decoding.target_logprobs(model, tokenizer, [src[i] for i in other], tgt, **kw)
+            other = decoding.derangement(len(idx), rng)  # case c's answer is also scored under prompt other[c]
+            moved_to = np.empty_like(other)
+            moved_to[other] = np.arange(len(other))  # prompt p also scores the answer of case moved_to[p]
+            with family_route(model, fam):  # each prompt encoded once, for its own answer and the moved one
+                scored = decoding.candidate_logprobs(
+                    model, tokenizer, src, [[tgt[p], tgt[moved_to[p]]] for p in range(len(src))],
+                    batch_size=cfg.batch_size, max_source_length=cfg.max_source_length or 256)
+            own = np.array([lp[0] for lp, _ in scored])
+            moved = np.array([lp[1] for lp, _ in scored])
+            count = np.array([n[0] for _, n in scored])
             tokens = max(int(count.sum()), 1)
             nll, nll_other = -own.sum() / tokens, -moved.sum() / tokens
             per[tid] = {"family": fam, "seen": seen_of[tid], "n": len(idx), "nll": float(nll),
