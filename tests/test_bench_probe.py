@@ -34,6 +34,16 @@ def test_yesno_probe_scores_the_model_beside_popularity(mi_probe, tiny_run):
     assert -1 <= out["spearman_with_popularity"] <= 1
 
 
+def test_ensemble_probe_ranks_by_the_mean_over_templates(mi_probe, tiny_run):
+    out = mi_probe.ensemble(mi_probe._open(tiny_run), split="valid")
+    per = out["NDCG@10, HR@10"]
+    assert len(per) >= 2 and out["users"] > 0
+    assert all(0 <= v <= 1 for pair in per.values() for v in pair)
+    assert out["mean of templates"][0] == pytest.approx(sum(p[0] for p in per.values()) / len(per), abs=1e-4)
+    for key in ("ensemble of log-probabilities", "ensemble of probabilities"):
+        assert 0 <= out[key][0] <= out[key][1] <= 1  # NDCG@10 never above HR@10
+
+
 def test_series_probes_every_checkpoint_in_step_order(mi_probe, tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
