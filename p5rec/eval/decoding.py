@@ -501,23 +501,25 @@ def choice_logprobs(
     width = max(len(c) for c in choice_ids)
     start = model.config.decoder_start_token_id
     dec_in = torch.full((len(choices), width), start, dtype=torch.long)
-    prefix_at: dict[tuple[int, ...], tuple[int, int]] = {}  # prefix -> (answer, position) whose state predicts after it
-    follows: dict[tuple[int, ...], list[int]] = {}  # prefix -> the distinct tokens answers put after it
-    edges = []  # per answer and position: (prefix number, column of its token among the prefix's followers)
+    number: dict[tuple[int, ...], int] = {}  # each distinct prefix of an answer -> its row
+    reads: list[tuple[int, int]] = []  # per prefix: the (answer, position) whose decoder state predicts after it
+    follows: list[list[int]] = []  # per prefix: the distinct tokens the answers put after it
+    edges = []  # per answer and position: (answer, prefix, column of its token among the prefix's followers)
     for j, ids in enumerate(choice_ids):
         dec_in[j, 1 : len(ids)] = torch.tensor(ids[:-1])
         for i, tok in enumerate(ids):
-            p = tuple(ids[:i])
-            prefix_at.setdefault(p, (j, i))
-            nxt = follows.setdefault(p, [])
-            if tok not in nxt:
-                nxt.append(tok)
-            edges.append((j, list(prefix_at).index(p), nxt.index(tok)))
-    n_pre, n_next = len(prefix_at), max(len(v) for v in follows.values())
+            k = number.setdefault(tuple(ids[:i]), len(number))
+            if k == len(reads):
+                reads.append((j, i))
+                follows.append([])
+            if tok not in follows[k]:
+                follows[k].append(tok)
+            edges.append((j, k, follows[k].index(tok)))
+    n_pre, n_next = len(reads), max(map(len, follows))
     nxt_tokens = torch.zeros((n_pre, n_next), dtype=torch.long)
-    for k, toks in enumerate(follows.values()):
+    for k, toks in enumerate(follows):
         nxt_tokens[k, : len(toks)] = torch.tensor(toks)
-    answer_of, pos_of = (torch.tensor(v, device=device) for v in zip(*prefix_at.values()))
+    answer_of, pos_of = (torch.tensor(v, device=device) for v in zip(*reads))
     # [n_pre * n_next, answers]: which (prefix, next token) log-probabilities each answer sums
     incidence = torch.zeros((n_pre * n_next, len(choices)), device=device)
     for j, p, c in edges:
